@@ -1,0 +1,155 @@
+//! Wiring: builds every part from the configuration, binds the listener, and runs until
+//! told to stop, then drains within a bounded time. Tests and `main` use the same entry
+//! point, so what the tests start is what production runs.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, Sink};
+use crate::config::Config;
+use crate::fanout::Ticker;
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::registry::{Limits, Registry};
+use crate::session::Sessions;
+
+/// Listen backlog: large, so that thousands of viewers reconnecting at once after a
+/// restart are queued rather than refused (the kernel caps it at `somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    ticker: Ticker,
+    tasks: TaskTracker,
+    /// Stops the background tasks (broker, ticker) once HTTP has drained.
+    background: CancellationToken,
+}
+
+impl Application {
+    /// Builds the server and binds its port (`PORT=0` picks a free one).
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let tasks = TaskTracker::new();
+        let background = CancellationToken::new();
+        let sessions = Arc::new(Sessions::new(config.max_message_bytes, metrics.clone()));
+        let sink: Sink = {
+            let sessions = sessions.clone();
+            Arc::new(move |event| sessions.on_broker_event(event))
+        };
+        let broker = match &config.redis {
+            None => Broker::memory(sink),
+            Some(info) => Broker::redis(info.clone(), sink, &tasks, background.clone())
+                .context("cannot set up the Redis connection")?,
+        };
+        let registry = Arc::new(Registry::new(
+            sessions,
+            broker.clone(),
+            Limits::from(config.as_ref()),
+            metrics.clone(),
+        ));
+        let ticker = Ticker {
+            registry: registry.clone(),
+            tick: config.tick,
+            heartbeat: config.heartbeat,
+            usage: Arc::new(|_, _| {}),
+        };
+        let listener = bind(SocketAddr::new(config.bind, config.port))
+            .with_context(|| format!("cannot listen on {}:{} (PORT)", config.bind, config.port))?;
+        tracing::info!(
+            addr = %listener.local_addr()?,
+            broker = broker.kind(),
+            tick_ms = config.tick.as_millis() as u64,
+            instance = %config.instance_id,
+            "chat-sync listening"
+        );
+        Ok(Self {
+            listener,
+            state: AppState {
+                registry,
+                broker,
+                metrics,
+                config,
+            },
+            ticker,
+            tasks,
+            background,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then: refuses new connects, sends every
+    /// subscriber a `shutdown` event, waits for the streams to close (at most
+    /// `SHUTDOWN_TIMEOUT_MS`), and stops the background tasks.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            ticker,
+            tasks,
+            background,
+        } = self;
+        let registry = state.registry.clone();
+        let timeout = state.config.shutdown_timeout;
+        tasks.spawn(ticker.run(background.clone()));
+
+        let drain = CancellationToken::new();
+        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let listener = listener.tap_io(|tcp| {
+            // SSE frames are small and latency matters more than packet count.
+            let _ = tcp.set_nodelay(true);
+        });
+        let serve =
+            axum::serve(listener, app).with_graceful_shutdown(drain.clone().cancelled_owned());
+        let mut server = tokio::spawn(serve.into_future());
+
+        tokio::select! {
+            result = &mut server => {
+                background.cancel();
+                result.context("the HTTP server panicked")?.context("the HTTP server failed")?;
+                anyhow::bail!("the HTTP server stopped on its own");
+            }
+            () = shutdown => {}
+        }
+        tracing::info!(connections = registry.connection_count(), "shutting down");
+        registry.shutdown();
+        drain.cancel();
+        if tokio::time::timeout(timeout, &mut server).await.is_err() {
+            tracing::warn!(
+                ?timeout,
+                "connections still open after the drain time; closing them"
+            );
+            server.abort();
+        }
+        background.cancel();
+        tasks.close();
+        if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
+            tracing::warn!("background tasks did not stop in time");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}

@@ -1,0 +1,130 @@
+//! The broker: where chat messages come from. One Redis pub/sub connection for all
+//! sessions, or an in-process broker when no Redis is configured (single instance).
+//!
+//! The broker knows channels, not sessions: it hands every event to a [`Sink`] given at
+//! start-up, synchronously and without blocking, and takes (un)subscribe requests in
+//! the order they were made, so a session freed and re-created at once never ends up
+//! unsubscribed while it has viewers.
+
+mod memory;
+mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// Suffix of the channel on which the tenant announces the end of a session.
+pub const END_SUFFIX: &str = "_END";
+
+/// What the broker reports to the rest of the server.
+#[derive(Debug)]
+pub enum BrokerEvent<'a> {
+    /// A payload published on `channel`.
+    Message { channel: &'a [u8], payload: Bytes },
+    /// The Redis connection was lost; whatever is published until it is back is lost.
+    Disconnected,
+    /// The connection is back and subscriptions are restored.
+    Reconnected,
+}
+
+/// Receives broker events on the connection's own task: it must not block or await.
+pub type Sink = Arc<dyn Fn(BrokerEvent<'_>) + Send + Sync>;
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("the broker is not connected")]
+    Unavailable,
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the broker refused the command: {0}")]
+    Command(String),
+}
+
+/// Resolves once a subscription is confirmed; cloneable so every concurrent first
+/// connect to a session waits on the same single SUBSCRIBE.
+pub type SubscribeAck = Shared<BoxFuture<'static, Result<(), BrokerError>>>;
+
+/// The channel carrying a session's chat messages (the original's naming).
+pub fn chat_channel(session: Uuid) -> String {
+    session.hyphenated().to_string()
+}
+
+/// The channel announcing a session's end.
+pub fn end_channel(session: Uuid) -> String {
+    format!("{}{END_SUFFIX}", session.hyphenated())
+}
+
+/// A cheap-to-clone handle on the configured broker.
+#[derive(Clone)]
+pub enum Broker {
+    Memory(Arc<memory::MemoryBroker>),
+    Redis(Arc<redis::RedisBroker>),
+}
+
+impl Broker {
+    /// The in-process broker: publishes go straight to the sink.
+    pub fn memory(sink: Sink) -> Self {
+        Self::Memory(Arc::new(memory::MemoryBroker::new(sink)))
+    }
+
+    /// A Redis broker; it connects in the background, so the server starts (not ready)
+    /// even while Redis is still coming up.
+    pub fn redis(
+        info: ::redis::ConnectionInfo,
+        sink: Sink,
+        tasks: &TaskTracker,
+        token: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        redis::RedisBroker::start(info, sink, tasks, token).map(|b| Self::Redis(Arc::new(b)))
+    }
+
+    /// Subscribes to the session's chat and end channels. Must not block: callers hold
+    /// the session table's lock so that (un)subscribes are queued in table order.
+    pub fn subscribe(&self, session: Uuid) -> SubscribeAck {
+        match self {
+            Self::Memory(b) => {
+                b.subscribe(session);
+                futures::future::ready(Ok(())).boxed().shared()
+            }
+            Self::Redis(b) => b.subscribe(session),
+        }
+    }
+
+    /// Drops the session's subscriptions. Must not block, as [`Broker::subscribe`].
+    pub fn unsubscribe(&self, session: Uuid) {
+        match self {
+            Self::Memory(b) => b.unsubscribe(session),
+            Self::Redis(b) => b.unsubscribe(session),
+        }
+    }
+
+    /// Publishes a payload; returns how many subscribers (instances) received it.
+    pub async fn publish(&self, channel: String, payload: Bytes) -> Result<usize, BrokerError> {
+        match self {
+            Self::Memory(b) => Ok(b.publish(&channel, payload)),
+            Self::Redis(b) => b.publish(channel, payload).await,
+        }
+    }
+
+    /// Whether messages can flow right now (readiness).
+    pub fn is_connected(&self) -> bool {
+        match self {
+            Self::Memory(_) => true,
+            Self::Redis(b) => b.is_connected(),
+        }
+    }
+
+    /// A short name for logs and `/readyz`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Memory(_) => "memory",
+            Self::Redis(_) => "redis",
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The Redis broker: one RESP3 connection (a `ConnectionManager`) carries every
+//! subscription, reconnects with capped backoff forever, and restores subscriptions by
+//! itself. A health task PINGs it, which both detects half-open TCP and makes a pure
+//! listener reconnect (the manager otherwise only reconnects when a command fails).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::{BrokerError, BrokerEvent, Sink, SubscribeAck, chat_channel, end_channel};
+
+/// Longest wait for one command, including a reconnect in progress (the crate's own
+/// response timeout does not cover reconnects).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the connection is checked.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+
+enum Command {
+    Subscribe(Uuid, oneshot::Sender<Result<(), BrokerError>>),
+    Unsubscribe(Uuid),
+}
+
+pub struct RedisBroker {
+    commands: mpsc::UnboundedSender<Command>,
+    manager: ConnectionManager,
+    connected: Arc<AtomicBool>,
+}
+
+impl RedisBroker {
+    pub fn start(
+        info: ConnectionInfo,
+        sink: Sink,
+        tasks: &TaskTracker,
+        token: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))
+            .map_err(|e| BrokerError::Command(e.to_string()))?;
+        let connected = Arc::new(AtomicBool::new(false));
+        let push_connected = connected.clone();
+        let push_sink = sink.clone();
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(usize::MAX)
+            .set_max_delay(Duration::from_secs(1))
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_automatic_resubscription()
+            .set_push_sender(move |push: PushInfo| {
+                on_push(&push_sink, &push_connected, push);
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| BrokerError::Command(e.to_string()))?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        tasks.spawn(run_commands(manager.clone(), rx, token.clone()));
+        tasks.spawn(run_health(manager.clone(), connected.clone(), sink, token));
+        Ok(Self {
+            commands,
+            manager,
+            connected,
+        })
+    }
+
+    pub fn subscribe(&self, session: Uuid) -> SubscribeAck {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Subscribe(session, tx));
+        async move { rx.await.unwrap_or(Err(BrokerError::Unavailable)) }
+            .boxed()
+            .shared()
+    }
+
+    pub fn unsubscribe(&self, session: Uuid) {
+        let _ = self.commands.send(Command::Unsubscribe(session));
+    }
+
+    pub async fn publish(&self, channel: String, payload: Bytes) -> Result<usize, BrokerError> {
+        if !self.is_connected() {
+            return Err(BrokerError::Unavailable);
+        }
+        let mut conn = self.manager.clone();
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(channel).arg(payload.as_ref());
+        with_timeout(publish.query_async::<usize>(&mut conn)).await
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+}
+
+async fn with_timeout<T>(
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(BrokerError::Command(e.to_string())),
+        Err(_) => Err(BrokerError::Timeout(COMMAND_TIMEOUT)),
+    }
+}
+
+fn on_push(sink: &Sink, connected: &AtomicBool, push: PushInfo) {
+    match push.kind {
+        PushKind::Message => {
+            let mut data = push.data.into_iter();
+            if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
+                (data.next(), data.next())
+            {
+                sink(BrokerEvent::Message {
+                    channel: &channel,
+                    payload: Bytes::from(payload),
+                });
+            }
+        }
+        PushKind::Disconnection => {
+            if connected.swap(false, Ordering::AcqRel) {
+                tracing::warn!("redis connection lost; reconnecting");
+            }
+            sink(BrokerEvent::Disconnected);
+        }
+        _ => {}
+    }
+}
+
+/// Applies (un)subscribes strictly in request order. A failed unsubscribe is retried
+/// in place, so a later subscribe of the same session can never be overtaken by it.
+async fn run_commands(
+    mut manager: ConnectionManager,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    token: CancellationToken,
+) {
+    loop {
+        let command = tokio::select! {
+            _ = token.cancelled() => break,
+            c = rx.recv() => match c { Some(c) => c, None => break },
+        };
+        match command {
+            Command::Subscribe(session, ack) => {
+                let channels = [chat_channel(session), end_channel(session)];
+                let result = with_timeout(manager.subscribe(&channels)).await;
+                if let Err(e) = &result {
+                    tracing::warn!(%session, error = %e, "subscribe failed");
+                }
+                let _ = ack.send(result);
+            }
+            Command::Unsubscribe(session) => {
+                let channels = [chat_channel(session), end_channel(session)];
+                while let Err(e) = with_timeout(manager.unsubscribe(&channels)).await {
+                    tracing::warn!(%session, error = %e, "unsubscribe failed; retrying");
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+    tracing::debug!("redis command task stopped");
+}
+
+/// PINGs through the manager: marks the broker ready when Redis answers, and makes the
+/// manager reconnect when it does not.
+async fn run_health(
+    mut manager: ConnectionManager,
+    connected: Arc<AtomicBool>,
+    sink: Sink,
+    token: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(HEALTH_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ever_connected = false;
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        let ping = redis::cmd("PING");
+        let ok = tokio::time::timeout(
+            HEALTH_INTERVAL * 2,
+            ping.query_async::<String>(&mut manager),
+        )
+        .map(|r| matches!(r, Ok(Ok(_))))
+        .await;
+        let was = connected.swap(ok, Ordering::AcqRel);
+        if ok && !was {
+            if ever_connected {
+                tracing::info!("redis connection restored");
+                sink(BrokerEvent::Reconnected);
+            } else {
+                tracing::info!("redis connected");
+            }
+            ever_connected = true;
+        } else if !ok && was {
+            tracing::warn!("redis does not answer PING");
+        }
+    }
+    tracing::debug!("redis health task stopped");
+}

@@ -1,0 +1,339 @@
+//! Configuration: read once at start-up from the environment (and an optional `.env`),
+//! validated, and then passed around as plain values. A bad value stops start-up with
+//! a message that names the variable, so an operator never has to guess which one.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
+
+/// Why the configuration was refused. Every variant names the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {var}={value:?}: expected {expected}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("invalid {var}: {reason}")]
+    Rejected { var: &'static str, reason: String },
+}
+
+/// Which browser origins may read the streams.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// `*`: the original service was open to every origin.
+    Any,
+    /// Exact origins such as `https://live.example.com`.
+    List(Vec<String>),
+}
+
+/// Everything the server needs to start. Secrets are kept out of `Debug`.
+#[derive(Clone)]
+pub struct Config {
+    /// Address to bind the HTTP listener to.
+    pub bind: IpAddr,
+    /// HTTP port; 0 lets the OS choose (tests).
+    pub port: u16,
+    /// Redis to subscribe to; `None` runs the in-process broker (single instance).
+    pub redis: Option<ConnectionInfo>,
+    /// Where usage is POSTed; `None` counts usage without sending it.
+    pub tenant_base_url: Option<String>,
+    /// How often queues are captured and fanned out.
+    pub tick: Duration,
+    /// Bearer token guarding the publish API; `None` allows loopback clients only.
+    pub publish_token: Option<String>,
+    /// Origins allowed to read the streams from a browser.
+    pub cors_origins: CorsOrigins,
+    /// How long a session with no subscriber stays subscribed before it is freed.
+    pub session_grace: Duration,
+    /// Frames a subscriber may fall behind before it is disconnected as slow.
+    pub subscriber_buffer: usize,
+    /// Idle time after which a heartbeat comment keeps proxies from closing streams.
+    pub heartbeat: Duration,
+    /// Reconnect delay advised to EventSource clients (`retry:`).
+    pub client_retry: Duration,
+    /// Largest chat payload accepted from Redis or the publish API.
+    pub max_message_bytes: usize,
+    /// Batches kept per session for `Last-Event-ID` resume.
+    pub replay_batches: usize,
+    /// Bytes of framed batches kept per session for resume.
+    pub replay_bytes: usize,
+    /// How long connects to an ended session answer `204`.
+    pub ended_ttl: Duration,
+    /// Open SSE connections allowed on this instance.
+    pub max_connections: usize,
+    /// Open SSE connections allowed per session.
+    pub max_connections_per_session: usize,
+    /// Live sessions allowed on this instance.
+    pub max_sessions: usize,
+    /// Upper bound on graceful shutdown.
+    pub shutdown_timeout: Duration,
+    /// Names this instance in the `X-Instance-Id` header and in logs.
+    pub instance_id: String,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("bind", &self.bind)
+            .field("port", &self.port)
+            .field("redis", &self.redis.as_ref().map(|r| r.addr().to_string()))
+            .field("tenant_base_url", &self.tenant_base_url)
+            .field("tick", &self.tick)
+            .field(
+                "publish_token",
+                &self.publish_token.as_ref().map(|_| "<set>"),
+            )
+            .field("cors_origins", &self.cors_origins)
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Reads `.env` (optional: production sets real variables) and then the environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        dotenvy::dotenv().ok();
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    /// Builds the configuration from any variable source, so tests need not touch the
+    /// process environment (which parallel tests share).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&get);
+        Ok(Self {
+            bind: env.parse("BIND_ADDR", "0.0.0.0".parse().unwrap(), "an IP address")?,
+            port: env.parse("PORT", 8080, "a TCP port from 0 to 65535")?,
+            redis: redis_target(&env)?,
+            tenant_base_url: env.url("TENANT_BASE_URL")?,
+            tick: env.millis("TICK_MS", 24, 1..=60_000)?,
+            publish_token: env.string("PUBLISH_TOKEN"),
+            cors_origins: cors_origins(&env)?,
+            session_grace: env.millis("SESSION_GRACE_MS", 5_000, 0..=86_400_000)?,
+            subscriber_buffer: env.count("SUBSCRIBER_BUFFER", 256, 1..=65_536)?,
+            heartbeat: env.millis("HEARTBEAT_MS", 15_000, 100..=3_600_000)?,
+            client_retry: env.millis("CLIENT_RETRY_MS", 2_000, 0..=600_000)?,
+            max_message_bytes: env.count("MAX_MESSAGE_BYTES", 16_384, 16..=16_777_216)?,
+            replay_batches: env.count("REPLAY_BATCHES", 512, 0..=1_000_000)?,
+            replay_bytes: env.count("REPLAY_BYTES", 4 * 1024 * 1024, 0..=1 << 34)?,
+            ended_ttl: env.millis("ENDED_SESSION_TTL_MS", 600_000, 0..=86_400_000)?,
+            max_connections: env.count("MAX_CONNECTIONS", 50_000, 1..=10_000_000)?,
+            max_connections_per_session: env.count(
+                "MAX_CONNECTIONS_PER_SESSION",
+                20_000,
+                1..=10_000_000,
+            )?,
+            max_sessions: env.count("MAX_SESSIONS", 10_000, 1..=10_000_000)?,
+            shutdown_timeout: env.millis("SHUTDOWN_TIMEOUT_MS", 10_000, 0..=600_000)?,
+            instance_id: env
+                .string("INSTANCE_ID")
+                .unwrap_or_else(default_instance_id),
+        })
+    }
+}
+
+/// `REDIS_URL` wins; otherwise the original's `REDIS_IP`/`REDIS_PORT`/`REDIS_PASSWORD`;
+/// neither means the in-process broker.
+fn redis_target(env: &Env<'_>) -> Result<Option<ConnectionInfo>, ConfigError> {
+    let port: u16 = env.parse("REDIS_PORT", 6379, "a TCP port from 1 to 65535")?;
+    if port == 0 {
+        return Err(ConfigError::Invalid {
+            var: "REDIS_PORT",
+            value: "0".into(),
+            expected: "a TCP port from 1 to 65535",
+        });
+    }
+    let password = env.string("REDIS_PASSWORD");
+    if let Some(url) = env.string("REDIS_URL") {
+        let info = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| ConfigError::Rejected {
+                var: "REDIS_URL",
+                reason: format!("not a redis:// URL ({})", e.category()),
+            })?;
+        return Ok(Some(info));
+    }
+    let Some(host) = env.string("REDIS_IP") else {
+        return Ok(None);
+    };
+    let mut settings = RedisConnectionInfo::default();
+    if let Some(password) = password {
+        settings = settings.set_password(password);
+    }
+    let info = ConnectionAddr::Tcp(host, port)
+        .into_connection_info()
+        .map_err(|e| ConfigError::Rejected {
+            var: "REDIS_IP",
+            reason: e.to_string(),
+        })?
+        .set_redis_settings(settings);
+    Ok(Some(info))
+}
+
+fn cors_origins(env: &Env<'_>) -> Result<CorsOrigins, ConfigError> {
+    let Some(raw) = env.string("CORS_ALLOWED_ORIGINS") else {
+        return Ok(CorsOrigins::Any);
+    };
+    if raw.trim() == "*" {
+        return Ok(CorsOrigins::Any);
+    }
+    let origins: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let valid = |o: &String| {
+        (o.starts_with("http://") || o.starts_with("https://"))
+            && axum::http::HeaderValue::from_str(o).is_ok()
+    };
+    if origins.is_empty() || !origins.iter().all(valid) {
+        return Err(ConfigError::Invalid {
+            var: "CORS_ALLOWED_ORIGINS",
+            value: raw,
+            expected: "* or a comma-separated list of origins like https://example.com",
+        });
+    }
+    Ok(CorsOrigins::List(origins))
+}
+
+fn default_instance_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "chat-sync".into())
+}
+
+/// A variable source with the parsing rules shared by every variable.
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    /// An unset or blank variable is absent (a `.env` line `X=` means "use the default").
+    fn string(&self, var: &str) -> Option<String> {
+        (self.0)(var).filter(|v| !v.trim().is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(
+        &self,
+        var: &'static str,
+        default: T,
+        expected: &'static str,
+    ) -> Result<T, ConfigError> {
+        match self.string(var) {
+            None => Ok(default),
+            Some(value) => value.trim().parse().map_err(|_| ConfigError::Invalid {
+                var,
+                value,
+                expected,
+            }),
+        }
+    }
+
+    fn count(
+        &self,
+        var: &'static str,
+        default: usize,
+        range: std::ops::RangeInclusive<usize>,
+    ) -> Result<usize, ConfigError> {
+        let n = self.parse(var, default, "a whole number")?;
+        if range.contains(&n) {
+            Ok(n)
+        } else {
+            Err(ConfigError::Rejected {
+                var,
+                reason: format!("{n} is outside {}..={}", range.start(), range.end()),
+            })
+        }
+    }
+
+    fn millis(
+        &self,
+        var: &'static str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<Duration, ConfigError> {
+        let ms = self.parse(var, default, "a whole number of milliseconds")?;
+        if range.contains(&ms) {
+            Ok(Duration::from_millis(ms))
+        } else {
+            Err(ConfigError::Rejected {
+                var,
+                reason: format!("{ms} ms is outside {}..={} ms", range.start(), range.end()),
+            })
+        }
+    }
+
+    fn url(&self, var: &'static str) -> Result<Option<String>, ConfigError> {
+        match self.string(var) {
+            None => Ok(None),
+            Some(v) if v.starts_with("http://") || v.starts_with("https://") => {
+                Ok(Some(v.trim_end_matches('/').to_string()))
+            }
+            Some(value) => Err(ConfigError::Invalid {
+                var,
+                value,
+                expected: "an http:// or https:// URL",
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_run_without_any_service() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.tick, Duration::from_millis(24));
+        assert!(c.redis.is_none());
+        assert!(c.tenant_base_url.is_none());
+        assert_eq!(c.cors_origins, CorsOrigins::Any);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (var, value) in [
+            ("TICK_MS", "fast"),
+            ("TICK_MS", "0"),
+            ("PORT", "70000"),
+            ("REDIS_PORT", "abc"),
+            ("REDIS_URL", "http://nope"),
+            ("TENANT_BASE_URL", "tenant.local"),
+            ("CORS_ALLOWED_ORIGINS", "example.com"),
+        ] {
+            let err = config(&[(var, value), ("REDIS_IP", "127.0.0.1")])
+                .err()
+                .unwrap_or_else(|| panic!("{var}={value} was accepted"));
+            assert!(err.to_string().contains(var), "{err} does not name {var}");
+        }
+    }
+
+    #[test]
+    fn original_redis_variables_are_understood() {
+        let c = config(&[
+            ("REDIS_IP", "10.0.0.5"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_PASSWORD", "s3cret"),
+        ])
+        .unwrap();
+        let info = c.redis.clone().unwrap();
+        assert_eq!(info.addr().to_string(), "10.0.0.5:6380");
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

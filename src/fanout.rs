@@ -1,0 +1,147 @@
+//! The capture-and-fan-out loop. Every tick it captures each session's inbox (exactly
+//! what is there at that instant; later arrivals wait for the next tick), frames the
+//! batch once, records it for resume and hands the same bytes to every subscriber
+//! through the session's broadcast channel. Sending never waits on a subscriber: each
+//! one reads at its own pace from the shared ring, and one that falls more than the
+//! ring's length behind is disconnected (it resumes with `Last-Event-ID`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::frame::{self, EventId};
+use crate::registry::Registry;
+use crate::session::{Frame, Session};
+
+/// Receives each session's captured message count (the billable usage).
+pub type UsageSink = Arc<dyn Fn(Uuid, u64) + Send + Sync>;
+
+/// How often idle sessions are looked at for freeing; no need to do it every tick.
+const REAP_INTERVAL: Duration = Duration::from_millis(250);
+
+pub struct Ticker {
+    pub registry: Arc<Registry>,
+    pub tick: Duration,
+    pub heartbeat: Duration,
+    pub usage: UsageSink,
+}
+
+impl Ticker {
+    pub async fn run(self, token: CancellationToken) {
+        let mut interval = tokio::time::interval(self.tick);
+        // An overrunning tick is followed by one tick, not by a burst of catch-ups.
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut sessions = Vec::new();
+        let mut last_reap = Instant::now();
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            let now = Instant::now();
+            self.tick_once(&mut sessions, now);
+            if now.duration_since(last_reap) >= REAP_INTERVAL {
+                last_reap = now;
+                for freed in self.registry.reap(now) {
+                    self.settle(&freed, now);
+                }
+            }
+            let spent = now.elapsed();
+            self.registry
+                .metrics
+                .tick_seconds
+                .observe(spent.as_secs_f64());
+        }
+        // Whatever arrived since the last tick still counts as usage.
+        self.tick_once(&mut sessions, Instant::now());
+        tracing::debug!("ticker stopped");
+    }
+
+    /// One tick over every session. `sessions` is reused between ticks so the map's
+    /// locks are held only while the handles are copied out.
+    pub fn tick_once(&self, sessions: &mut Vec<Arc<Session>>, now: Instant) {
+        sessions.extend(self.registry.sessions.map.iter().map(|s| s.value().clone()));
+        for session in sessions.drain(..) {
+            self.settle(&session, now);
+        }
+    }
+
+    fn settle(&self, session: &Arc<Session>, now: Instant) {
+        if self.capture(session, now) {
+            self.registry.finish(session);
+        }
+    }
+
+    /// Captures and fans out one session; returns whether the session ended.
+    fn capture(&self, session: &Session, now: Instant) -> bool {
+        let mut outbox = session.outbox.lock().unwrap();
+        let (messages, end, gap) = {
+            let mut inbox = session.inbox.lock().unwrap();
+            // The end payload stays in the inbox so that later messages are refused.
+            let end = inbox.end.clone().filter(|_| !outbox.closed);
+            if inbox.messages.is_empty() && end.is_none() && !inbox.gap {
+                drop(inbox);
+                if now.duration_since(outbox.last_sent) >= self.heartbeat {
+                    outbox.last_sent = now;
+                    let _ = outbox.tx.send(Frame {
+                        bytes: frame::HEARTBEAT,
+                        last: false,
+                    });
+                }
+                return false;
+            }
+            let gap = std::mem::take(&mut inbox.gap);
+            (std::mem::take(&mut inbox.messages), end, gap)
+        };
+        let metrics = &self.registry.metrics;
+        let receivers = outbox.tx.receiver_count() as u64;
+        if gap {
+            // Redis pub/sub keeps nothing while disconnected: say so, in order, and keep
+            // the notice in the replay buffer for clients resuming across the gap.
+            let seq = outbox.replay.head() + 1;
+            let notice = frame::reset(self.id(seq), "broker reconnected; messages may be lost");
+            outbox.replay.push(notice.clone());
+            let _ = outbox.tx.send(Frame {
+                bytes: notice,
+                last: false,
+            });
+        }
+        if !messages.is_empty() {
+            let count = messages.len() as u64;
+            let seq = outbox.replay.head() + 1;
+            let batch = frame::batch(self.id(seq), &messages);
+            outbox.replay.push(batch.clone());
+            metrics.batches.inc();
+            metrics.batch_size.observe(count as f64);
+            metrics.usage_captured.inc_by(count);
+            metrics.messages_delivered.inc_by(count * receivers);
+            metrics.events_delivered.inc_by(receivers);
+            metrics
+                .bytes_delivered
+                .inc_by(batch.len() as u64 * receivers);
+            let _ = outbox.tx.send(Frame {
+                bytes: batch,
+                last: false,
+            });
+            (self.usage)(session.id, count);
+        }
+        outbox.last_sent = now;
+        let Some(end) = end else { return false };
+        outbox.closed = true;
+        let _ = outbox.tx.send(Frame {
+            bytes: frame::end(&end),
+            last: true,
+        });
+        true
+    }
+
+    fn id(&self, seq: u64) -> EventId {
+        EventId {
+            boot: self.registry.boot,
+            seq,
+        }
+    }
+}

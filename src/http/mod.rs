@@ -1,0 +1,69 @@
+//! The HTTP surface: each module exposes its `router()`, merged here with the layers
+//! every response shares (CORS, the instance header).
+
+mod chats;
+mod health;
+mod publish;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use uuid::Uuid;
+
+use crate::broker::Broker;
+use crate::config::{Config, CorsOrigins};
+use crate::error::AppError;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+
+/// Handles shared by every request handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub broker: Broker,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<Config>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let instance = HeaderValue::from_str(&state.config.instance_id)
+        .unwrap_or_else(|_| HeaderValue::from_static("chat-sync"));
+    let cors = cors(&state.config.cors_origins);
+    Router::new()
+        .merge(chats::router())
+        .merge(publish::router(state.config.max_message_bytes))
+        .merge(health::router())
+        .with_state(state)
+        .layer(cors)
+        .layer(SetResponseHeaderLayer::overriding(
+            HeaderName::from_static("x-instance-id"),
+            instance,
+        ))
+}
+
+fn cors(origins: &CorsOrigins) -> CorsLayer {
+    let allow = match origins {
+        CorsOrigins::Any => AllowOrigin::any(),
+        CorsOrigins::List(list) => {
+            AllowOrigin::list(list.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        }
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([HeaderName::from_static("x-instance-id")])
+}
+
+/// Session ids are UUIDs, as in the original; anything else is a client error.
+fn session_id(raw: &str) -> Result<Uuid, AppError> {
+    Uuid::try_parse(raw)
+        .map_err(|_| AppError::BadRequest(format!("sessionId must be a UUID, got {raw:?}")))
+}

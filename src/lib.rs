@@ -1,0 +1,23 @@
+//! chat-sync: fans live chat out to very large audiences over Server-Sent Events.
+//!
+//! The data's path, top to bottom: [`broker`] receives payloads from Redis (or the
+//! in-process broker) into [`session`] inboxes; every tick [`fanout`] captures them,
+//! frames each batch once ([`frame`]), keeps it for resume ([`replay`]) and broadcasts
+//! it; [`sse`] streams it to each viewer admitted by [`registry`]; [`http`] is the API.
+
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod fanout;
+pub mod frame;
+pub mod http;
+pub mod metrics;
+pub mod registry;
+pub mod replay;
+pub mod session;
+pub mod sse;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Config;

@@ -1,0 +1,163 @@
+//! Prometheus metrics, one registry per server instance (not a process-wide recorder),
+//! so that several servers in one test process keep their own counts.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Why something was refused or dropped.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+/// Outcome of a request to the tenant backend.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+/// Every metric the server exposes; counters are cheap atomics, safe on the hot path.
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub sessions: Gauge,
+    pub messages_received: Counter,
+    pub messages_dropped: Family<Reason, Counter>,
+    pub messages_delivered: Counter,
+    pub bytes_delivered: Counter,
+    pub batches: Counter,
+    pub events_delivered: Counter,
+    pub batch_size: Histogram,
+    pub tick_seconds: Histogram,
+    pub slow_subscribers: Counter,
+    pub rejected_connections: Family<Reason, Counter>,
+    pub broker_disconnects: Counter,
+    pub usage_captured: Counter,
+    pub billing_requests: Family<Outcome, Counter>,
+    pub billing_pending: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("chat_sync");
+        let m = Self {
+            connections: Gauge::default(),
+            sessions: Gauge::default(),
+            messages_received: Counter::default(),
+            messages_dropped: Family::default(),
+            messages_delivered: Counter::default(),
+            bytes_delivered: Counter::default(),
+            batches: Counter::default(),
+            events_delivered: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            tick_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
+            slow_subscribers: Counter::default(),
+            rejected_connections: Family::default(),
+            broker_disconnects: Counter::default(),
+            usage_captured: Counter::default(),
+            billing_requests: Family::default(),
+            billing_pending: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register("connections", "Open SSE connections", m.connections.clone());
+        r.register(
+            "sessions",
+            "Sessions live on this instance",
+            m.sessions.clone(),
+        );
+        r.register(
+            "messages_received",
+            "Chat messages received from the broker",
+            m.messages_received.clone(),
+        );
+        r.register(
+            "messages_dropped",
+            "Chat messages dropped before fan-out, by reason",
+            m.messages_dropped.clone(),
+        );
+        r.register(
+            "messages_delivered",
+            "Chat messages handed to subscribers (messages x subscribers)",
+            m.messages_delivered.clone(),
+        );
+        r.register(
+            "bytes_delivered",
+            "SSE bytes handed to subscribers",
+            m.bytes_delivered.clone(),
+        );
+        r.register("batches", "Batches framed by the ticker", m.batches.clone());
+        r.register(
+            "events_delivered",
+            "Batch events handed to subscribers (batches x subscribers)",
+            m.events_delivered.clone(),
+        );
+        r.register("batch_size", "Messages per batch", m.batch_size.clone());
+        r.register(
+            "tick_duration_seconds",
+            "Time one tick spends capturing and fanning out",
+            m.tick_seconds.clone(),
+        );
+        r.register(
+            "slow_subscribers_dropped",
+            "Subscribers disconnected because they fell too far behind",
+            m.slow_subscribers.clone(),
+        );
+        r.register(
+            "connections_rejected",
+            "SSE connects refused, by reason",
+            m.rejected_connections.clone(),
+        );
+        r.register(
+            "broker_disconnects",
+            "Times the broker connection was lost",
+            m.broker_disconnects.clone(),
+        );
+        r.register(
+            "usage_captured",
+            "Chat messages captured by the ticker (billable usage)",
+            m.usage_captured.clone(),
+        );
+        r.register(
+            "billing_requests",
+            "Usage reports sent to the tenant backend, by outcome",
+            m.billing_requests.clone(),
+        );
+        r.register(
+            "billing_pending",
+            "Captured messages not yet acknowledged by the tenant backend",
+            m.billing_pending.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The registry in the text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing into a String cannot fail");
+        out
+    }
+
+    pub fn drop_message(&self, reason: &'static str) {
+        self.messages_dropped
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+
+    pub fn reject_connection(&self, reason: &'static str) {
+        self.rejected_connections
+            .get_or_create(&Reason { reason })
+            .inc();
+    }
+}

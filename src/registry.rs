@@ -1,0 +1,354 @@
+//! The session registry: admits subscribers (limits, ended sessions, resume position),
+//! creates sessions and subscribes them on first use, and frees them when they end or
+//! have been unwatched for the grace period.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::broker::{Broker, BrokerError};
+use crate::config::Config;
+use crate::frame::{self, EventId};
+use crate::metrics::Metrics;
+use crate::replay::{ReplayBuffer, Resume};
+use crate::session::{Frame, Session, Sessions};
+
+/// Why a subscriber was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The session ended recently; `204` tells EventSource to stop reconnecting.
+    #[error("the session has ended")]
+    Ended,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("this instance has reached its connection limit")]
+    TooManyConnections,
+    #[error("this session has reached its connection limit")]
+    TooManySessionConnections,
+    #[error("this instance has reached its session limit")]
+    TooManySessions,
+    #[error("could not subscribe to the session: {0}")]
+    Broker(#[from] BrokerError),
+}
+
+/// The registry's own limits, taken from the configuration.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_session: usize,
+    pub max_sessions: usize,
+    pub subscriber_buffer: usize,
+    pub replay_batches: usize,
+    pub replay_bytes: usize,
+    pub session_grace: Duration,
+    pub ended_ttl: Duration,
+    pub client_retry: Duration,
+}
+
+impl From<&Config> for Limits {
+    fn from(c: &Config) -> Self {
+        Self {
+            max_connections: c.max_connections,
+            max_connections_per_session: c.max_connections_per_session,
+            max_sessions: c.max_sessions,
+            subscriber_buffer: c.subscriber_buffer,
+            replay_batches: c.replay_batches,
+            replay_bytes: c.replay_bytes,
+            session_grace: c.session_grace,
+            ended_ttl: c.ended_ttl,
+            client_retry: c.client_retry,
+        }
+    }
+}
+
+pub struct Registry {
+    pub sessions: Arc<Sessions>,
+    /// Recently ended sessions and when they ended; connects to them get `204`.
+    ended: DashMap<Uuid, Instant>,
+    broker: Broker,
+    limits: Limits,
+    /// Random per process start; the first half of every event id.
+    pub boot: u64,
+    connections: AtomicUsize,
+    /// Kept apart from the map so it can be checked while a map shard is locked.
+    session_count: AtomicUsize,
+    closing: AtomicBool,
+    pub metrics: Arc<Metrics>,
+}
+
+/// An admitted subscriber: what to send first, then the session's live frames.
+pub struct Subscription {
+    /// `retry:` advice, then replayed batches or a `reset`.
+    pub prelude: Bytes,
+    pub frames: broadcast::Receiver<Frame>,
+    pub guard: SubscriberGuard,
+}
+
+/// Releases the subscriber's connection slot and session membership when its stream
+/// ends, however it ends.
+pub struct SubscriberGuard {
+    registry: Arc<Registry>,
+    session: Arc<Session>,
+}
+
+impl SubscriberGuard {
+    pub fn metrics(&self) -> &Metrics {
+        &self.registry.metrics
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        if self.session.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.session.idle_since.lock().unwrap() = Some(Instant::now());
+        }
+        self.registry.release_connection();
+    }
+}
+
+impl Registry {
+    pub fn new(
+        sessions: Arc<Sessions>,
+        broker: Broker,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            sessions,
+            ended: DashMap::new(),
+            broker,
+            limits,
+            boot: rand_u64(),
+            connections: AtomicUsize::new(0),
+            session_count: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.session_count.load(Ordering::Acquire)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Whether the session ended within the ended-session TTL.
+    pub fn has_ended(&self, id: Uuid) -> bool {
+        self.ended
+            .get(&id)
+            .is_some_and(|at| at.elapsed() < self.limits.ended_ttl)
+    }
+
+    /// Admits a subscriber to `id`, resuming after `last_event_id` when given.
+    pub async fn attach(
+        self: &Arc<Self>,
+        id: Uuid,
+        last_event_id: Option<&str>,
+    ) -> Result<Subscription, AttachError> {
+        let result = self.try_attach(id, last_event_id).await;
+        if let Err(e) = &result {
+            self.metrics.reject_connection(match e {
+                AttachError::Ended => "ended",
+                AttachError::ShuttingDown => "shutting_down",
+                AttachError::TooManyConnections => "max_connections",
+                AttachError::TooManySessionConnections => "max_connections_per_session",
+                AttachError::TooManySessions => "max_sessions",
+                AttachError::Broker(_) => "broker",
+            });
+        }
+        result
+    }
+
+    async fn try_attach(
+        self: &Arc<Self>,
+        id: Uuid,
+        last_event_id: Option<&str>,
+    ) -> Result<Subscription, AttachError> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(AttachError::ShuttingDown);
+        }
+        if self.has_ended(id) {
+            return Err(AttachError::Ended);
+        }
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(AttachError::TooManyConnections);
+        }
+        self.metrics.connections.inc();
+        let session = match self.join_session(id) {
+            Ok(session) => session,
+            Err(e) => {
+                self.release_connection();
+                return Err(e);
+            }
+        };
+        // From here the guard undoes the membership on every early return.
+        let guard = SubscriberGuard {
+            registry: self.clone(),
+            session: session.clone(),
+        };
+        if let Err(e) = session.subscribed.clone().await {
+            self.forget_if_unwatched(&session);
+            return Err(e.into());
+        }
+        let outbox = session.outbox.lock().unwrap();
+        if outbox.closed {
+            return Err(if self.closing.load(Ordering::Acquire) {
+                AttachError::ShuttingDown
+            } else {
+                AttachError::Ended
+            });
+        }
+        let mut prelude = BytesMut::from(&frame::retry(self.limits.client_retry)[..]);
+        if let Some(raw) = last_event_id {
+            let head = EventId {
+                boot: self.boot,
+                seq: outbox.replay.head(),
+            };
+            match EventId::parse(raw)
+                .filter(|last| last.boot == self.boot)
+                .map(|last| outbox.replay.since(last.seq))
+            {
+                Some(Resume::Frames(frames)) => {
+                    frames.iter().for_each(|f| prelude.extend_from_slice(f))
+                }
+                Some(Resume::Lost) | None => {
+                    prelude.extend_from_slice(&frame::reset(head, "history not available"))
+                }
+            }
+        }
+        let frames = outbox.tx.subscribe();
+        drop(outbox);
+        Ok(Subscription {
+            prelude: prelude.freeze(),
+            frames,
+            guard,
+        })
+    }
+
+    /// Finds or creates the session and counts the caller in, under the map's lock so
+    /// that the reaper cannot free the session in between and concurrent first
+    /// connects subscribe exactly once.
+    fn join_session(&self, id: Uuid) -> Result<Arc<Session>, AttachError> {
+        let session = match self.sessions.map.entry(id) {
+            Entry::Occupied(e) => e.get().clone(),
+            Entry::Vacant(e) => {
+                if self.session_count.load(Ordering::Acquire) >= self.limits.max_sessions {
+                    return Err(AttachError::TooManySessions);
+                }
+                self.session_count.fetch_add(1, Ordering::AcqRel);
+                self.metrics.sessions.inc();
+                let session = Arc::new(Session::new(
+                    id,
+                    self.broker.subscribe(id),
+                    self.limits.subscriber_buffer,
+                    ReplayBuffer::new(self.limits.replay_batches, self.limits.replay_bytes),
+                ));
+                e.insert(session.clone());
+                session
+            }
+        };
+        let before = session.subscribers.fetch_add(1, Ordering::AcqRel);
+        if before >= self.limits.max_connections_per_session {
+            if session.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
+                *session.idle_since.lock().unwrap() = Some(Instant::now());
+            }
+            return Err(AttachError::TooManySessionConnections);
+        }
+        Ok(session)
+    }
+
+    fn release_connection(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections.dec();
+    }
+
+    /// Removes `session` from the map if it is still the registered one and `unwatched`
+    /// holds, and unsubscribes it. The unsubscribe is queued while the map entry is
+    /// locked, so it is ordered before any later subscribe of the same id.
+    fn remove(&self, session: &Arc<Session>, unwatched: bool) -> bool {
+        let removed = self
+            .sessions
+            .map
+            .remove_if(&session.id, |_, current| {
+                let remove = Arc::ptr_eq(current, session)
+                    && (!unwatched || current.subscribers.load(Ordering::Acquire) == 0);
+                if remove {
+                    self.broker.unsubscribe(session.id);
+                }
+                remove
+            })
+            .is_some();
+        if removed {
+            self.session_count.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.sessions.dec();
+        }
+        removed
+    }
+
+    fn forget_if_unwatched(&self, session: &Arc<Session>) {
+        // The guard has not dropped yet, so "unwatched" means only this caller.
+        if session.subscribers.load(Ordering::Acquire) <= 1 {
+            self.remove(session, false);
+        }
+    }
+
+    /// Frees a session that ended: later connects get `204` until the TTL passes.
+    pub fn finish(&self, session: &Arc<Session>) {
+        self.ended.insert(session.id, Instant::now());
+        self.remove(session, false);
+    }
+
+    /// Frees sessions unwatched for the grace period and forgets old ended sessions.
+    /// Returns the freed sessions so their last messages can still be captured.
+    pub fn reap(&self, now: Instant) -> Vec<Arc<Session>> {
+        let grace = self.limits.session_grace;
+        let idle: Vec<Arc<Session>> = self
+            .sessions
+            .map
+            .iter()
+            .filter(|s| s.idle_for(grace, now))
+            .map(|s| s.clone())
+            .collect();
+        let freed: Vec<Arc<Session>> = idle.into_iter().filter(|s| self.remove(s, true)).collect();
+        let ttl = self.limits.ended_ttl;
+        self.ended.retain(|_, at| now.duration_since(*at) < ttl);
+        freed
+    }
+
+    /// Refuses new subscribers and closes every stream with a `shutdown` event, so
+    /// browsers reconnect (elsewhere) at once.
+    pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::Release);
+        let goodbye = frame::shutdown();
+        for session in self.sessions.map.iter() {
+            let mut outbox = session.outbox.lock().unwrap();
+            outbox.closed = true;
+            let _ = outbox.tx.send(Frame {
+                bytes: goodbye.clone(),
+                last: true,
+            });
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+}
+
+fn rand_u64() -> u64 {
+    let (hi, _) = Uuid::new_v4().as_u64_pair();
+    hi
+}

@@ -1,0 +1,147 @@
+//! A live session on this instance: its inbox (messages received since the last tick),
+//! its outbox (replay buffer and the broadcast channel its subscribers read), and the
+//! table of all sessions that the broker's events land in.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::broker::{BrokerEvent, END_SUFFIX, SubscribeAck};
+use crate::metrics::Metrics;
+use crate::replay::ReplayBuffer;
+
+/// One SSE frame handed to every subscriber of a session; `bytes` is shared, never
+/// copied per subscriber.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub bytes: Bytes,
+    /// The stream closes after this frame (`end`, `shutdown`).
+    pub last: bool,
+}
+
+/// What arrived since the last capture.
+#[derive(Default)]
+pub struct Inbox {
+    pub messages: Vec<Bytes>,
+    /// The `{sessionId}_END` payload, once it arrived; later messages are dropped.
+    pub end: Option<Bytes>,
+    /// The broker connection was lost since the last capture: subscribers must be told.
+    pub gap: bool,
+}
+
+/// What has been sent, under one lock so that capture, fan-out, end and a new
+/// subscriber's resume all see one order of batches.
+pub struct Outbox {
+    pub replay: ReplayBuffer,
+    pub tx: broadcast::Sender<Frame>,
+    /// When the last frame went out; drives heartbeats.
+    pub last_sent: Instant,
+    /// Set once the session ended or the server is shutting down: no new subscribers.
+    pub closed: bool,
+}
+
+pub struct Session {
+    pub id: Uuid,
+    /// Appended to by the broker's connection task; held only for a push or a swap.
+    pub inbox: Mutex<Inbox>,
+    pub outbox: Mutex<Outbox>,
+    /// Open streams; the session is freed after a grace period at zero.
+    pub subscribers: AtomicUsize,
+    /// When `subscribers` last dropped to zero.
+    pub idle_since: Mutex<Option<Instant>>,
+    /// The broker's confirmation of this session's subscription.
+    pub subscribed: SubscribeAck,
+}
+
+impl Session {
+    pub fn new(id: Uuid, subscribed: SubscribeAck, buffer: usize, replay: ReplayBuffer) -> Self {
+        let (tx, _) = broadcast::channel(buffer);
+        Self {
+            id,
+            inbox: Mutex::new(Inbox::default()),
+            outbox: Mutex::new(Outbox {
+                replay,
+                tx,
+                last_sent: Instant::now(),
+                closed: false,
+            }),
+            subscribers: AtomicUsize::new(0),
+            idle_since: Mutex::new(None),
+            subscribed,
+        }
+    }
+
+    /// Whether nobody has watched this session for at least `grace`.
+    pub fn idle_for(&self, grace: std::time::Duration, now: Instant) -> bool {
+        self.subscribers.load(Ordering::Acquire) == 0
+            && self
+                .idle_since
+                .lock()
+                .unwrap()
+                .is_some_and(|since| now.duration_since(since) >= grace)
+    }
+}
+
+/// All live sessions, keyed by id. Broker events land here.
+pub struct Sessions {
+    pub map: DashMap<Uuid, Arc<Session>>,
+    max_message_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Sessions {
+    pub fn new(max_message_bytes: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            map: DashMap::new(),
+            max_message_bytes,
+            metrics,
+        }
+    }
+
+    /// The broker's sink: appends chat payloads and end notices to session inboxes.
+    /// Runs on the broker connection's task, so it only takes short, synchronous locks.
+    pub fn on_broker_event(&self, event: BrokerEvent<'_>) {
+        match event {
+            BrokerEvent::Message { channel, payload } => self.on_message(channel, payload),
+            BrokerEvent::Disconnected => {
+                self.metrics.broker_disconnects.inc();
+                for session in self.map.iter() {
+                    session.inbox.lock().unwrap().gap = true;
+                }
+            }
+            BrokerEvent::Reconnected => {}
+        }
+    }
+
+    fn on_message(&self, channel: &[u8], payload: Bytes) {
+        let (session, is_end) = match channel.strip_suffix(END_SUFFIX.as_bytes()) {
+            Some(session) => (session, true),
+            None => (channel, false),
+        };
+        let Some(session) = Uuid::try_parse_ascii(session)
+            .ok()
+            .and_then(|id| self.map.get(&id).map(|s| s.clone()))
+        else {
+            self.metrics.drop_message("unknown_session");
+            return;
+        };
+        let mut inbox = session.inbox.lock().unwrap();
+        if is_end {
+            inbox.end.get_or_insert(payload);
+            return;
+        }
+        self.metrics.messages_received.inc();
+        if inbox.end.is_some() {
+            self.metrics.drop_message("after_end");
+        } else if payload.len() > self.max_message_bytes {
+            self.metrics.drop_message("oversize");
+        } else {
+            inbox.messages.push(payload);
+        }
+    }
+}
