@@ -70,7 +70,11 @@ fn accepted(id: uuid::Uuid, receivers: usize) -> impl IntoResponse {
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<(), AppError> {
-    let Some(token) = &state.config.publish_token else {
+    check(state.config.publish_token.as_deref(), headers, peer)
+}
+
+fn check(token: Option<&str>, headers: &HeaderMap, peer: SocketAddr) -> Result<(), AppError> {
+    let Some(token) = token else {
         return if peer.ip().is_loopback() {
             Ok(())
         } else {
@@ -117,4 +121,46 @@ fn json_object(
     serde_json::from_slice::<IgnoredAny>(&body)
         .map_err(|e| AppError::BadRequest(format!("the body is not valid JSON: {e}")))?;
     Ok(Some(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::AppError;
+
+    fn auth(token: Option<&str>, peer: &str, header: Option<&str>) -> Result<(), AppError> {
+        let mut headers = HeaderMap::new();
+        if let Some(h) = header {
+            headers.insert(header::AUTHORIZATION, h.parse().unwrap());
+        }
+        check(token, &headers, peer.parse().unwrap())
+    }
+
+    #[test]
+    fn without_a_token_only_loopback_may_publish() {
+        assert!(auth(None, "127.0.0.1:5000", None).is_ok());
+        assert!(auth(None, "[::1]:5000", None).is_ok());
+        assert!(matches!(
+            auth(None, "10.1.2.3:5000", None),
+            Err(AppError::Forbidden)
+        ));
+        assert!(matches!(
+            auth(None, "10.1.2.3:5000", Some("Bearer anything")),
+            Err(AppError::Forbidden)
+        ));
+    }
+
+    #[test]
+    fn with_a_token_everyone_needs_it_even_loopback() {
+        let t = Some("s3cret");
+        assert!(auth(t, "10.1.2.3:5000", Some("Bearer s3cret")).is_ok());
+        assert!(matches!(
+            auth(t, "127.0.0.1:1", None),
+            Err(AppError::Unauthorized)
+        ));
+        assert!(matches!(
+            auth(t, "127.0.0.1:1", Some("Bearer s3cre")),
+            Err(AppError::Unauthorized)
+        ));
+    }
 }

@@ -1,0 +1,9 @@
+//! Integration tests: one binary, one module per feature, all through `common`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod delivery;
+mod lifecycle;
+mod publish_api;
+mod startup;

@@ -1,0 +1,353 @@
+//! The shared test harness: a real `redis-server` per test on a free loopback port,
+//! the real server started through `Application` on an ephemeral port, and an SSE
+//! client that speaks to it over real HTTP.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chat_sync::{Application, Config};
+use eventsource_stream::{Event, Eventsource};
+use futures::{Stream, StreamExt};
+use redis::AsyncCommands;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+/// Generous bound for anything the tests wait on; conditions end the wait, not time.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A `redis-server` owned by one test; killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        for _ in 0..20 {
+            let port = free_port();
+            let mut server = Self { port, child: None };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server (is it installed? .ci/run installs it)");
+    }
+
+    /// Spawns on `self.port`; false if it did not come up (port taken).
+    async fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH (.ci/run installs it)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let _ = status;
+                self.child = None;
+                return false;
+            }
+            if self.ping().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        match client.get_multiplexed_async_connection().await {
+            Ok(mut c) => redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Kills the server, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        for _ in 0..100 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not restart on port {}", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Publishes as a tenant backend would (`redis-cli PUBLISH`).
+    pub async fn publish(&self, channel: &str, payload: &str) -> usize {
+        self.conn().await.publish(channel, payload).await.unwrap()
+    }
+
+    /// Subscribers of a channel on the real server (`PUBSUB NUMSUB`).
+    pub async fn numsub(&self, channel: &str) -> usize {
+        let mut conn = self.conn().await;
+        let (_, n): (String, usize) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        n
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real server, in this process, on an ephemeral port.
+pub struct TestApp {
+    pub base: String,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    /// Starts the server on `redis` (or the in-process broker) with extra variables.
+    pub async fn spawn(redis: Option<&RedisServer>, vars: &[(&str, &str)]) -> Self {
+        let mut env: HashMap<String, String> = HashMap::from([
+            ("BIND_ADDR".into(), "127.0.0.1".into()),
+            ("PORT".into(), "0".into()),
+            ("TICK_MS".into(), "10".into()),
+        ]);
+        if let Some(redis) = redis {
+            env.insert("REDIS_URL".into(), redis.url());
+        }
+        for (k, v) in vars {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let config = Config::from_lookup(|k| env.get(k).cloned()).expect("test config");
+        let app = Application::build(config).await.expect("app builds");
+        let base = format!("http://{}", app.local_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        let app = Self {
+            base,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            handle: Some(handle),
+        };
+        if redis.is_some() {
+            app.wait_ready().await;
+        }
+        app
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_until("the server is ready", || async {
+            self.get("/readyz").await.status() == 200
+        })
+        .await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A number from `/readyz` (sessions, connections).
+    pub async fn ready_field(&self, field: &str) -> u64 {
+        let body: serde_json::Value = self.get("/readyz").await.json().await.unwrap();
+        body[field].as_u64().unwrap()
+    }
+
+    pub async fn connect(&self, session: Uuid) -> Subscriber {
+        Subscriber::connect(&self.url(&sse_path(session)), None).await
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+pub fn sse_path(session: Uuid) -> String {
+    format!("/api/v1/chats/sse-connect/{session}")
+}
+
+pub type Events = std::pin::Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>;
+
+/// One viewer's EventSource-like connection.
+pub struct Subscriber {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    events: Events,
+    /// The id of the last event received, as a browser keeps it.
+    pub last_event_id: Option<String>,
+    /// Number of batch (unnamed) events received.
+    pub batches: usize,
+}
+
+impl Subscriber {
+    pub async fn connect(url: &str, last_event_id: Option<&str>) -> Self {
+        let mut request = reqwest::Client::new().get(url);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        let response = request.send().await.expect("connect");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let events = response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.map_err(|e| e.to_string()))
+            .boxed();
+        Self {
+            status,
+            headers,
+            events,
+            last_event_id: last_event_id.map(String::from),
+            batches: 0,
+        }
+    }
+
+    /// The next event, `None` when the stream closed. Panics after [`WAIT`].
+    pub async fn next_event(&mut self) -> Option<Event> {
+        let event = tokio::time::timeout(WAIT, self.events.next())
+            .await
+            .expect("no event within the wait")?
+            .ok()?;
+        if !event.id.is_empty() {
+            self.last_event_id = Some(event.id.clone());
+        }
+        Some(event)
+    }
+
+    /// Reads batches until `n` chat payloads arrived; returns them in order. Panics on
+    /// any named event in between.
+    pub async fn messages(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let event = self
+                .next_event()
+                .await
+                .unwrap_or_else(|| panic!("stream closed after {} of {n} messages", out.len()));
+            assert!(
+                event.event == "message",
+                "unexpected {} event after {} of {n} messages",
+                event.event,
+                out.len()
+            );
+            out.extend(batch(&event));
+            self.batches += 1;
+        }
+        out
+    }
+}
+
+/// The payloads of a batch event (a JSON array of strings, as the original sent).
+pub fn batch(event: &Event) -> Vec<String> {
+    serde_json::from_str(&event.data).expect("batch data is a JSON array of strings")
+}
+
+/// A chat message as the tenant backend publishes it, numbered for order checks.
+pub fn chat(sender: &str, seq: usize) -> String {
+    serde_json::json!({
+        "id": sender,
+        "nickname": format!("viewer {sender}"),
+        "profileImgUrl": "https://cdn.example.com/p.png",
+        "message": format!("hello {seq}"),
+        "createdAt": "2026-11-24T10:15:30.123",
+        "seq": seq,
+    })
+    .to_string()
+}
+
+/// The `seq` of a chat payload produced by [`chat`].
+pub fn seq_of(payload: &str) -> (String, usize) {
+    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+    (
+        v["id"].as_str().unwrap().to_string(),
+        v["seq"].as_u64().unwrap() as usize,
+    )
+}
+
+/// Polls `condition` until it holds; panics with `what` after [`WAIT`].
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
