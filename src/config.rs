@@ -114,7 +114,7 @@ impl Config {
             publish_token: env.string("PUBLISH_TOKEN"),
             cors_origins: cors_origins(&env)?,
             session_grace: env.millis("SESSION_GRACE_MS", 5_000, 0..=86_400_000)?,
-            subscriber_buffer: env.count("SUBSCRIBER_BUFFER", 256, 1..=65_536)?,
+            subscriber_buffer: env.count("SUBSCRIBER_BUFFER", 128, 1..=65_536)?,
             heartbeat: env.millis("HEARTBEAT_MS", 15_000, 100..=3_600_000)?,
             client_retry: env.millis("CLIENT_RETRY_MS", 2_000, 0..=600_000)?,
             max_message_bytes: env.count("MAX_MESSAGE_BYTES", 16_384, 16..=16_777_216)?,

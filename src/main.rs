@@ -4,6 +4,9 @@ use chat_sync::{Application, Config, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return healthcheck();
+    }
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -44,5 +47,28 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+/// `chat-sync healthcheck`: GET /healthz on the local port, for the container's
+/// HEALTHCHECK (the runtime image has no curl).
+fn healthcheck() -> ExitCode {
+    use std::io::{Read, Write};
+    let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
+    let probe = || -> std::io::Result<bool> {
+        let timeout = std::time::Duration::from_secs(2);
+        let addr = format!("127.0.0.1:{port}")
+            .parse()
+            .map_err(std::io::Error::other)?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(head.ends_with(b"200"))
+    };
+    match probe() {
+        Ok(true) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
     }
 }
