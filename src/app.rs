@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::billing::Billing;
 use crate::broker::{Broker, Sink};
 use crate::config::Config;
 use crate::fanout::Ticker;
@@ -28,6 +29,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     ticker: Ticker,
+    billing: Arc<Billing>,
     tasks: TaskTracker,
     /// Stops the background tasks (broker, ticker) once HTTP has drained.
     background: CancellationToken,
@@ -56,11 +58,15 @@ impl Application {
             Limits::from(config.as_ref()),
             metrics.clone(),
         ));
+        let owner = format!("{}-{:016x}", config.instance_id, registry.boot);
+        let billing = Arc::new(
+            Billing::new(&config, owner, metrics.clone()).context("cannot set up billing")?,
+        );
         let ticker = Ticker {
             registry: registry.clone(),
             tick: config.tick,
             heartbeat: config.heartbeat,
-            usage: Arc::new(|_, _| {}),
+            usage: billing.clone(),
         };
         let listener = bind(SocketAddr::new(config.bind, config.port))
             .with_context(|| format!("cannot listen on {}:{} (PORT)", config.bind, config.port))?;
@@ -80,6 +86,7 @@ impl Application {
                 config,
             },
             ticker,
+            billing,
             tasks,
             background,
         })
@@ -93,18 +100,20 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then: refuses new connects, sends every
     /// subscriber a `shutdown` event, waits for the streams to close (at most
-    /// `SHUTDOWN_TIMEOUT_MS`), and stops the background tasks.
+    /// `SHUTDOWN_TIMEOUT_MS`), stops the background tasks and flushes usage.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Self {
             listener,
             state,
             ticker,
+            billing,
             tasks,
             background,
         } = self;
         let registry = state.registry.clone();
         let timeout = state.config.shutdown_timeout;
         tasks.spawn(ticker.run(background.clone()));
+        tasks.spawn(billing.clone().run(background.clone()));
 
         let drain = CancellationToken::new();
         let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -138,6 +147,13 @@ impl Application {
         tasks.close();
         if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {
             tracing::warn!("background tasks did not stop in time");
+        }
+        // After the ticker's last capture, so the final counts are in.
+        if tokio::time::timeout(timeout, billing.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("usage flush did not finish in time");
         }
         tracing::info!("stopped");
         Ok(())

@@ -69,6 +69,10 @@ pub struct Config {
     pub max_connections_per_session: usize,
     /// Live sessions allowed on this instance.
     pub max_sessions: usize,
+    /// How often accumulated usage is sent to the tenant.
+    pub billing_flush: Duration,
+    /// Timeout of one usage request to the tenant.
+    pub billing_timeout: Duration,
     /// Upper bound on graceful shutdown.
     pub shutdown_timeout: Duration,
     /// Names this instance in the `X-Instance-Id` header and in logs.
@@ -128,6 +132,8 @@ impl Config {
                 1..=10_000_000,
             )?,
             max_sessions: env.count("MAX_SESSIONS", 10_000, 1..=10_000_000)?,
+            billing_flush: env.millis("BILLING_FLUSH_MS", 1_000, 10..=3_600_000)?,
+            billing_timeout: env.millis("BILLING_TIMEOUT_MS", 5_000, 10..=600_000)?,
             shutdown_timeout: env.millis("SHUTDOWN_TIMEOUT_MS", 10_000, 0..=600_000)?,
             instance_id: env
                 .string("INSTANCE_ID")

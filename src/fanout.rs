@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -16,8 +17,14 @@ use crate::frame::{self, EventId};
 use crate::registry::Registry;
 use crate::session::{Frame, Session};
 
-/// Receives each session's captured message count (the billable usage).
-pub type UsageSink = Arc<dyn Fn(Uuid, u64) + Send + Sync>;
+/// Where captured messages are counted (the billable usage). Called on the tick loop:
+/// implementations only record, they never wait.
+pub trait Usage: Send + Sync {
+    /// `payloads` were captured for `session` (one count each).
+    fn captured(&self, session: Uuid, payloads: &[Bytes]);
+    /// `session` was freed on this instance; nothing more will be captured for it.
+    fn closed(&self, session: Uuid);
+}
 
 /// How often idle sessions are looked at for freeing; no need to do it every tick.
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
@@ -26,7 +33,7 @@ pub struct Ticker {
     pub registry: Arc<Registry>,
     pub tick: Duration,
     pub heartbeat: Duration,
-    pub usage: UsageSink,
+    pub usage: Arc<dyn Usage>,
 }
 
 impl Ticker {
@@ -47,6 +54,7 @@ impl Ticker {
                 last_reap = now;
                 for freed in self.registry.reap(now) {
                     self.settle(&freed, now);
+                    self.usage.closed(freed.id);
                 }
             }
             let spent = now.elapsed();
@@ -72,6 +80,7 @@ impl Ticker {
     fn settle(&self, session: &Arc<Session>, now: Instant) {
         if self.capture(session, now) {
             self.registry.finish(session);
+            self.usage.closed(session.id);
         }
     }
 
@@ -126,7 +135,7 @@ impl Ticker {
                 bytes: batch,
                 last: false,
             });
-            (self.usage)(session.id, count);
+            self.usage.captured(session.id, &messages);
         }
         outbox.last_sent = now;
         let Some(end) = end else { return false };

@@ -3,9 +3,11 @@
 //! The data's path, top to bottom: [`broker`] receives payloads from Redis (or the
 //! in-process broker) into [`session`] inboxes; every tick [`fanout`] captures them,
 //! frames each batch once ([`frame`]), keeps it for resume ([`replay`]) and broadcasts
-//! it; [`sse`] streams it to each viewer admitted by [`registry`]; [`http`] is the API.
+//! it; [`sse`] streams it to each viewer admitted by [`registry`]; [`http`] is the API; [`billing`] reports
+//! the captured counts to the tenant.
 
 pub mod app;
+pub mod billing;
 pub mod broker;
 pub mod config;
 pub mod error;

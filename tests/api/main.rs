@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod billing;
 mod delivery;
 mod lifecycle;
 mod publish_api;

@@ -1,8 +1,10 @@
 //! The shared test harness: a real `redis-server` per test on a free loopback port,
 //! the real server started through `Application` on an ephemeral port, and an SSE
-//! client that speaks to it over real HTTP.
+//! client that speaks to it over real HTTP, and a stand-in tenant backend.
 
 #![allow(dead_code)]
+
+pub mod tenant;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -212,6 +214,18 @@ impl TestApp {
         body[field].as_u64().unwrap()
     }
 
+    /// All samples of `/metrics`, by series (name with labels), e.g.
+    /// `chat_sync_billing_requests_total{outcome="accepted"}`.
+    pub async fn metrics(&self) -> HashMap<String, f64> {
+        let response = self.get("/metrics").await;
+        assert_eq!(response.status(), 200);
+        parse_metrics(&response.text().await.unwrap())
+    }
+
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics().await.get(series).copied().unwrap_or(0.0)
+    }
+
     pub async fn connect(&self, session: Uuid) -> Subscriber {
         Subscriber::connect(&self.url(&sse_path(session)), None).await
     }
@@ -233,6 +247,37 @@ impl Drop for TestApp {
             handle.abort();
         }
     }
+}
+
+/// Parses the text exposition format strictly enough to catch a malformed line.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            assert!(
+                line.is_empty()
+                    || line.starts_with("# HELP ")
+                    || line.starts_with("# TYPE ")
+                    || line.starts_with("# UNIT ")
+                    || line == "# EOF",
+                "bad comment line {line:?}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("a sample is `series value`");
+        let name_end = series.find('{').unwrap_or(series.len());
+        assert!(
+            series[..name_end]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        samples.insert(series.to_string(), value);
+    }
+    samples
 }
 
 pub fn sse_path(session: Uuid) -> String {
@@ -349,5 +394,82 @@ where
             "timed out waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real binary in its own process, for what only a process shows (signals, exit).
+pub struct ServerProcess {
+    pub base: String,
+    child: Child,
+}
+
+impl ServerProcess {
+    pub async fn spawn(vars: &[(&str, &str)]) -> Self {
+        for _ in 0..10 {
+            let port = free_port();
+            let mut command = Command::new(env!("CARGO_BIN_EXE_chat-sync"));
+            command
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("BIND_ADDR", "127.0.0.1")
+                .env("PORT", port.to_string())
+                .env("RUST_LOG", "warn")
+                .current_dir(std::env::temp_dir())
+                .stdout(Stdio::null());
+            for (k, v) in vars {
+                command.env(k, v);
+            }
+            let mut child = command.spawn().expect("start chat-sync");
+            let base = format!("http://127.0.0.1:{port}");
+            let http = reqwest::Client::new();
+            for _ in 0..400 {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                let ready = http.get(format!("{base}/readyz")).send().await;
+                if ready.is_ok_and(|r| r.status() == 200) {
+                    return Self { base, child };
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("chat-sync did not start");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Sends SIGTERM, as `docker stop` does.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code and how long it took.
+    pub async fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "chat-sync still running after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,232 @@
+//! Usage metering: exact counts to the tenant, never lost, billed once across
+//! instances; and the Prometheus metrics that show it.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use uuid::Uuid;
+
+use crate::common::tenant::Tenant;
+use crate::common::{RedisServer, ServerProcess, Subscriber, TestApp, chat, sse_path, wait_until};
+
+async fn publish_paced(redis: &RedisServer, room: Uuid, range: std::ops::Range<usize>) {
+    let mut conn = redis.conn().await;
+    for i in range {
+        let _: usize = redis::AsyncCommands::publish(&mut conn, room.to_string(), chat("p1", i))
+            .await
+            .unwrap();
+        if i % 25 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Waits until the tenant's total is `n`, then a few more flushes to see it stay there.
+async fn assert_total_settles(tenant: &Tenant, room: Uuid, n: u64) {
+    wait_until(&format!("the tenant has {n} for the session"), || async {
+        tenant.total(room) >= n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(tenant.total(room), n, "reports: {:?}", tenant.reports(room));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_receives_exactly_n_in_far_fewer_requests_than_ticks() {
+    let redis = RedisServer::start().await;
+    let tenant = Tenant::start().await;
+    let base = tenant.base_url();
+    let vars = [
+        ("TENANT_BASE_URL", base.as_str()),
+        ("BILLING_FLUSH_MS", "150"),
+    ];
+    let app = TestApp::spawn(Some(&redis), &vars).await;
+    let room = Uuid::new_v4();
+    let mut viewers: Vec<Subscriber> = join_all((0..3).map(|_| app.connect(room))).await;
+
+    publish_paced(&redis, room, 0..600).await;
+    for viewer in &mut viewers {
+        viewer.messages(600).await;
+    }
+    assert_total_settles(&tenant, room, 600).await;
+    let requests = tenant.reports(room).len();
+    let batches = viewers[0].batches;
+    assert!(
+        requests * 3 < batches,
+        "{requests} requests for {batches} ticks with messages: counts must be accumulated"
+    );
+    assert_eq!(
+        app.metric("chat_sync_usage_captured_total").await,
+        600.0,
+        "one count per message, not per viewer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_then_absent_tenant_costs_retries_not_counts() {
+    let redis = RedisServer::start().await;
+    let mut tenant = Tenant::start().await;
+    let base = tenant.base_url();
+    let vars = [
+        ("TENANT_BASE_URL", base.as_str()),
+        ("BILLING_FLUSH_MS", "50"),
+        ("BILLING_TIMEOUT_MS", "500"),
+    ];
+    let app = TestApp::spawn(Some(&redis), &vars).await;
+    let room = Uuid::new_v4();
+    let mut viewer = app.connect(room).await;
+
+    tenant.answer(500);
+    publish_paced(&redis, room, 0..200).await;
+    viewer.messages(200).await;
+    wait_until("the tenant refused a few reports", || async {
+        tenant.refused() >= 2
+    })
+    .await;
+
+    tenant.go_away();
+    publish_paced(&redis, room, 200..300).await;
+    viewer.messages(100).await;
+    wait_until("reports failed against the absent tenant", || async {
+        app.metric(r#"chat_sync_billing_requests_total{outcome="failed"}"#)
+            .await
+            >= 4.0
+    })
+    .await;
+    assert_eq!(tenant.total(room), 0);
+    assert_eq!(app.metric("chat_sync_billing_pending").await, 300.0);
+
+    tenant.answer(200);
+    tenant.resume().await;
+    assert_total_settles(&tenant, room, 300).await;
+    assert_eq!(app.metric("chat_sync_billing_pending").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_serving_one_session_bill_it_once() {
+    let redis = RedisServer::start().await;
+    let tenant = Tenant::start().await;
+    let base = tenant.base_url();
+    let vars = |id| {
+        [
+            ("TENANT_BASE_URL", base.as_str()),
+            ("BILLING_FLUSH_MS", "100"),
+            ("INSTANCE_ID", id),
+        ]
+    };
+    let a = TestApp::spawn(Some(&redis), &vars("a")).await;
+    let b = TestApp::spawn(Some(&redis), &vars("b")).await;
+    let room = Uuid::new_v4();
+    let mut on_a = a.connect(room).await;
+    let mut on_b = b.connect(room).await;
+    assert_eq!(
+        redis.numsub(&room.to_string()).await,
+        2,
+        "both instances receive every message"
+    );
+
+    publish_paced(&redis, room, 0..500).await;
+    on_a.messages(500).await;
+    on_b.messages(500).await;
+    assert_total_settles(&tenant, room, 500).await;
+    assert_eq!(a.metric("chat_sync_usage_captured_total").await, 500.0);
+    assert_eq!(b.metric("chat_sync_usage_captured_total").await, 500.0);
+
+    // The instance holding the billing lease stops; the other one, which also counted
+    // all 500, takes over from the holder's cursor and bills only what follows.
+    let lease: String = redis::AsyncCommands::get(
+        &mut redis.conn().await,
+        format!("chat-sync:billing:lease:{room}"),
+    )
+    .await
+    .unwrap();
+    let (holder, other, mut on_other) = if lease.starts_with("a-") {
+        (a, b, on_b)
+    } else {
+        (b, a, on_a)
+    };
+    holder.stop().await;
+    publish_paced(&redis, room, 500..800).await;
+    on_other.messages(300).await;
+    assert_total_settles(&tenant, room, 800).await;
+    drop(on_other);
+    other.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_pending_usage_before_exit() {
+    let redis = RedisServer::start().await;
+    let tenant = Tenant::start().await;
+    let server = ServerProcess::spawn(&[
+        ("REDIS_URL", &redis.url()),
+        ("TENANT_BASE_URL", &tenant.base_url()),
+        ("BILLING_FLUSH_MS", "3600000"),
+    ])
+    .await;
+    let mut server = server;
+    let room = Uuid::new_v4();
+    let mut viewer = Subscriber::connect(&server.url(&sse_path(room)), None).await;
+    publish_paced(&redis, room, 0..250).await;
+    viewer.messages(250).await;
+    assert_eq!(
+        tenant.total(room),
+        0,
+        "nothing is flushed before the hour is up"
+    );
+
+    server.terminate();
+    let (code, _) = server.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        tenant.total(room),
+        250,
+        "pending usage reached the tenant before exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_follow_the_traffic() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let room = Uuid::new_v4();
+    let mut viewers: Vec<Subscriber> = join_all((0..4).map(|_| app.connect(room))).await;
+    let before = app.metrics().await;
+    assert_eq!(before["chat_sync_connections"], 4.0);
+    assert_eq!(before["chat_sync_sessions"], 1.0);
+
+    publish_paced(&redis, room, 0..100).await;
+    for viewer in &mut viewers {
+        viewer.messages(100).await;
+    }
+    let m = app.metrics().await;
+    assert_eq!(m["chat_sync_messages_received_total"], 100.0);
+    assert_eq!(m["chat_sync_usage_captured_total"], 100.0);
+    assert_eq!(m["chat_sync_messages_delivered_total"], 400.0);
+    let batches = m["chat_sync_batches_total"];
+    assert_eq!(batches, viewers[0].batches as f64);
+    assert_eq!(m["chat_sync_events_delivered_total"], 4.0 * batches);
+    assert_eq!(m["chat_sync_batch_size_count"], batches);
+    assert_eq!(m["chat_sync_batch_size_sum"], 100.0);
+    assert!(m["chat_sync_tick_duration_seconds_count"] > 0.0);
+    assert!(m["chat_sync_bytes_delivered_total"] > 4.0 * 100.0 * 50.0);
+    assert_eq!(
+        m.get("chat_sync_billing_pending"),
+        Some(&0.0),
+        "no tenant: nothing pending"
+    );
+
+    let oversize = format!("\"{}\"", "x".repeat(20_000));
+    redis.publish(&room.to_string(), &oversize).await;
+    wait_until("the oversize payload is counted as dropped", || async {
+        app.metric(r#"chat_sync_messages_dropped_total{reason="oversize"}"#)
+            .await
+            == 1.0
+    })
+    .await;
+
+    drop(viewers);
+    wait_until("the connections gauge follows disconnects", || async {
+        app.metric("chat_sync_connections").await == 0.0
+    })
+    .await;
+}
