@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,6 +17,7 @@ use crate::config::Config;
 use crate::fanout::Ticker;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::net::{PeerAddr, StreamListener};
 use crate::registry::{Limits, Registry};
 use crate::session::Sessions;
 
@@ -116,11 +116,12 @@ impl Application {
         tasks.spawn(billing.clone().run(background.clone()));
 
         let drain = CancellationToken::new();
-        let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let listener = listener.tap_io(|tcp| {
-            // SSE frames are small and latency matters more than packet count.
-            let _ = tcp.set_nodelay(true);
-        });
+        let listener = StreamListener::new(
+            listener,
+            state.config.slow_client_timeout,
+            state.metrics.slow_subscribers.clone(),
+        );
+        let app = http::router(state).into_make_service_with_connect_info::<PeerAddr>();
         let serve =
             axum::serve(listener, app).with_graceful_shutdown(drain.clone().cancelled_owned());
         let mut server = tokio::spawn(serve.into_future());

@@ -51,6 +51,8 @@ pub struct Config {
     pub session_grace: Duration,
     /// Frames a subscriber may fall behind before it is disconnected as slow.
     pub subscriber_buffer: usize,
+    /// A viewer whose socket accepts no bytes for this long is disconnected.
+    pub slow_client_timeout: Duration,
     /// Idle time after which a heartbeat comment keeps proxies from closing streams.
     pub heartbeat: Duration,
     /// Reconnect delay advised to EventSource clients (`retry:`).
@@ -119,6 +121,7 @@ impl Config {
             cors_origins: cors_origins(&env)?,
             session_grace: env.millis("SESSION_GRACE_MS", 5_000, 0..=86_400_000)?,
             subscriber_buffer: env.count("SUBSCRIBER_BUFFER", 128, 1..=65_536)?,
+            slow_client_timeout: env.millis("SLOW_CLIENT_TIMEOUT_MS", 10_000, 100..=3_600_000)?,
             heartbeat: env.millis("HEARTBEAT_MS", 15_000, 100..=3_600_000)?,
             client_retry: env.millis("CLIENT_RETRY_MS", 2_000, 0..=600_000)?,
             max_message_bytes: env.count("MAX_MESSAGE_BYTES", 16_384, 16..=16_777_216)?,

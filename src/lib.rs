@@ -15,6 +15,7 @@ pub mod fanout;
 pub mod frame;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod registry;
 pub mod replay;
 pub mod session;

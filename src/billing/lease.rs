@@ -113,7 +113,12 @@ impl Lease {
         };
         let mut pipe = redis::pipe();
         for &s in sessions {
-            eval(&mut pipe, RELEASE, &[lease_key(s)], std::slice::from_ref(owner));
+            eval(
+                &mut pipe,
+                RELEASE,
+                &[lease_key(s)],
+                std::slice::from_ref(owner),
+            );
         }
         run::<Vec<i64>>(conn, &pipe).await.map(drop)
     }

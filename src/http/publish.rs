@@ -19,6 +19,7 @@ use serde::de::IgnoredAny;
 use super::{AppState, session_id};
 use crate::broker::{chat_channel, end_channel};
 use crate::error::AppError;
+use crate::net::PeerAddr;
 
 pub fn router(max_body: usize) -> Router<AppState> {
     Router::new()
@@ -30,7 +31,7 @@ pub fn router(max_body: usize) -> Router<AppState> {
 /// Publishes one chat message, forwarded byte for byte as the payload.
 async fn publish_message(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     Path(raw): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -47,7 +48,7 @@ async fn publish_message(
 /// JSON object describing the session, is optional; `{"id": "<sessionId>"}` otherwise.
 async fn end_session(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     Path(raw): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,

@@ -5,6 +5,8 @@ mod common;
 
 mod billing;
 mod delivery;
+mod faults;
 mod lifecycle;
+mod model;
 mod publish_api;
 mod startup;

@@ -442,6 +442,14 @@ impl ServerProcess {
         format!("{}{}", self.base, path)
     }
 
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.base.trim_start_matches("http://").parse().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM, as `docker stop` does.
     pub fn terminate(&self) {
         let status = Command::new("kill")
