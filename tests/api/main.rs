@@ -9,4 +9,5 @@ mod faults;
 mod lifecycle;
 mod model;
 mod publish_api;
+mod scale_out;
 mod startup;
