@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when it is missing (redis-server and
-# nginx, which the tests start themselves on free loopback ports), then runs every test.
+# nginx, which the tests start themselves on free loopback ports; Chromium and
+# playwright-core for the browser tests), then runs every test: cargo's, then the
+# end-to-end tests in headless Chromium against the binary cargo just built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs npm)
 compose=(docker compose)
 if ! docker compose version >/dev/null 2>&1; then
   compose=(docker-compose)
@@ -25,3 +29,6 @@ fi
 echo "docker-compose.yml: valid (${compose[*]} config)"
 
 cargo test --all-targets "$@"
+
+[ -d e2e/node_modules/playwright-core ] || npm ci --prefix e2e --no-audit --no-fund
+(cd e2e && node --test --test-concurrency=1 --test-reporter=spec)

@@ -24,6 +24,7 @@ pub struct Outcome {
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
+    pub connects: Counter,
     pub sessions: Gauge,
     pub messages_received: Counter,
     pub messages_dropped: Family<Reason, Counter>,
@@ -52,6 +53,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("chat_sync");
         let m = Self {
             connections: Gauge::default(),
+            connects: Counter::default(),
             sessions: Gauge::default(),
             messages_received: Counter::default(),
             messages_dropped: Family::default(),

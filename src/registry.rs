@@ -157,6 +157,7 @@ impl Registry {
         id: Uuid,
         last_event_id: Option<&str>,
     ) -> Result<Subscription, AttachError> {
+        self.metrics.connects.inc();
         let result = self.try_attach(id, last_event_id).await;
         if let Err(e) = &result {
             self.metrics.reject_connection(match e {

@@ -2,6 +2,7 @@
 //! every response shares (CORS, the instance header).
 
 mod chats;
+mod demo;
 mod health;
 mod publish;
 
@@ -36,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .merge(chats::router())
         .merge(publish::router(state.config.max_message_bytes))
         .merge(health::router())
+        .merge(demo::router())
         .with_state(state)
         .layer(cors)
         .layer(SetResponseHeaderLayer::overriding(

@@ -1,0 +1,141 @@
+// End-to-end: the demo page in headless Chromium, reading the real server's stream
+// with the browser's own EventSource.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import http from "node:http";
+import { randomUUID } from "node:crypto";
+import {
+  startRedis, startServer, startProxy, launchBrowser, waitFor, sleep, chat, shown, freePort,
+} from "./harness.mjs";
+
+let browser;
+before(async () => { browser = await launchBrowser(); });
+after(async () => { await browser?.close(); });
+
+async function openPage(url) {
+  const page = await browser.newPage();
+  await page.goto(url);
+  await page.waitForSelector("#state.live");
+  return page;
+}
+
+test("500 messages published to Redis appear in the page in order, exactly once", async () => {
+  const redis = await startRedis();
+  const server = await startServer({ REDIS_URL: `redis://127.0.0.1:${redis.port}` });
+  try {
+    const room = randomUUID();
+    const page = await openPage(server.url(`/#${room}`));
+    const sent = Array.from({ length: 500 }, (_, i) => chat(i));
+    await redis.publish(room, sent);
+    await page.waitForFunction(() => document.querySelectorAll(".msg").length >= 500);
+    await sleep(300);
+    assert.deepEqual(await shown(page), sent);
+    assert.equal(await page.textContent("#total"), "500");
+    await page.close();
+  } finally {
+    await server.stop();
+    redis.stop();
+  }
+});
+
+test("a cut connection resumes with Last-Event-ID; a restarted server resets history", async () => {
+  const redis = await startRedis();
+  const env = { REDIS_URL: `redis://127.0.0.1:${redis.port}`, CLIENT_RETRY_MS: "200" };
+  let server = await startServer(env);
+  const proxy = await startProxy(server.port);
+  try {
+    const room = randomUUID();
+    const page = await openPage(proxy.url(`/#${room}`));
+    const sent = [];
+    for (let i = 0; i < 300; i++) {
+      sent.push(chat(i));
+      await redis.publish(room, [chat(i)]);
+      if (i === 100 || i === 200) proxy.cut();
+      await sleep(4);
+    }
+    await page.waitForFunction((n) => document.querySelectorAll(".msg").length >= n, 300);
+    await sleep(300);
+    assert.deepEqual(await shown(page), sent, "every message exactly once, in order, across two cuts");
+    assert.ok(proxy.connections() >= 3, "the browser reconnected by itself");
+
+    // Restart the server on the same port: the old event ids mean nothing to it.
+    await server.stop();
+    server = await startServer(env, server.port);
+    await page.waitForFunction(() => [...document.querySelectorAll(".notice")]
+      .some((n) => n.textContent.includes("History was reset")));
+    await page.waitForSelector("#state.live");
+    await redis.publish(room, [chat(1000)]);
+    await page.waitForFunction(() => document.querySelectorAll(".msg").length >= 301);
+    assert.equal((await shown(page)).at(-1), chat(1000), "live again after the reset");
+    await page.close();
+  } finally {
+    proxy.close();
+    await server.stop();
+    redis.stop();
+  }
+});
+
+test("_END shows the session ended and the browser stops reconnecting", async () => {
+  const redis = await startRedis();
+  const server = await startServer({ REDIS_URL: `redis://127.0.0.1:${redis.port}`, CLIENT_RETRY_MS: "200" });
+  try {
+    const room = randomUUID();
+    const page = await openPage(server.url(`/#${room}`));
+    await redis.publish(room, [chat(1)]);
+    await page.waitForSelector(".msg");
+    const connects = await server.metric("chat_sync_sse_connects_total");
+    await redis.publish(`${room}_END`, [JSON.stringify({ id: room, deletedAt: "2026-11-24T11:00:00" })]);
+    await page.waitForSelector("#state.ended");
+    assert.match(await page.textContent("#chat"), /This session has ended/);
+    await sleep(1500);
+    assert.equal(await server.metric("chat_sync_sse_connects_total"), connects, "no reconnect after the end");
+    assert.equal(await server.metric("chat_sync_connections"), 0);
+    await page.close();
+  } finally {
+    await server.stop();
+    redis.stop();
+  }
+});
+
+/** A page on another origin that subscribes to `streamUrl` with EventSource. */
+async function foreignOrigin(streamUrl) {
+  const html = `<!doctype html><script>
+    const es = new EventSource(${JSON.stringify(streamUrl)});
+    es.onopen = () => { document.body.dataset.open = "1"; };
+    es.onmessage = (e) => { document.body.dataset.got = e.data; };
+    es.onerror = () => { document.body.dataset.error = "1"; };
+  </script><body></body>`;
+  const server = http.createServer((_, res) => { res.setHeader("content-type", "text/html"); res.end(html); });
+  const port = await freePort();
+  await new Promise((r) => server.listen(port, "127.0.0.1", r));
+  return { origin: `http://localhost:${port}`, close: () => server.close() };
+}
+
+test("a page on another origin can subscribe when CORS allows it, not otherwise", async () => {
+  const redis = await startRedis();
+  for (const [allowed, expectData] of [["*", true], ["https://only.example", false]]) {
+    const server = await startServer({ REDIS_URL: `redis://127.0.0.1:${redis.port}`, CORS_ALLOWED_ORIGINS: allowed });
+    const room = randomUUID();
+    const other = await foreignOrigin(server.url(`/api/v1/chats/sse-connect/${room}`));
+    try {
+      const page = await browser.newPage();
+      await page.goto(`${other.origin}/`);
+      await waitFor("the stream is connected server-side", async () => (await server.metric("chat_sync_connections")) >= 1);
+      await redis.publish(room, [chat(7)]);
+      if (expectData) {
+        await page.waitForFunction(() => document.body.dataset.got);
+        assert.deepEqual(JSON.parse(await page.evaluate(() => document.body.dataset.got)), [chat(7)]);
+      } else {
+        await page.waitForFunction(() => document.body.dataset.error);
+        await sleep(500);
+        assert.equal(await page.evaluate(() => document.body.dataset.got), undefined, "the browser refused the stream");
+      }
+      await page.close();
+    } finally {
+      other.close();
+      await server.stop();
+    }
+  }
+  redis.stop();
+});
