@@ -28,7 +28,7 @@ fi
 "${compose[@]}" config -q
 echo "docker-compose.yml: valid (${compose[*]} config)"
 
-cargo test --all-targets "$@"
+cargo test --workspace --all-targets "$@"
 
 [ -d e2e/node_modules/playwright-core ] || npm ci --prefix e2e --no-audit --no-fund
 (cd e2e && node --test --test-concurrency=1 --test-reporter=spec)

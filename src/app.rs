@@ -17,8 +17,9 @@ use crate::config::Config;
 use crate::fanout::Ticker;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
-use crate::net::{PeerAddr, StreamListener};
+use crate::net::StreamListener;
 use crate::registry::{Limits, Registry};
+use crate::server;
 use crate::session::Sessions;
 
 /// Listen backlog: large, so that thousands of viewers reconnecting at once after a
@@ -115,34 +116,37 @@ impl Application {
         tasks.spawn(ticker.run(background.clone()));
         tasks.spawn(billing.clone().run(background.clone()));
 
-        let drain = CancellationToken::new();
         let listener = StreamListener::new(
             listener,
             state.config.slow_client_timeout,
             state.metrics.slow_subscribers.clone(),
         );
-        let app = http::router(state).into_make_service_with_connect_info::<PeerAddr>();
-        let serve =
-            axum::serve(listener, app).with_graceful_shutdown(drain.clone().cancelled_owned());
-        let mut server = tokio::spawn(serve.into_future());
+        let (drain, abort) = (CancellationToken::new(), CancellationToken::new());
+        let connections = TaskTracker::new();
+        let server = tokio::spawn(server::serve(
+            listener,
+            http::router(state),
+            drain.clone(),
+            abort.clone(),
+            connections.clone(),
+        ));
 
-        tokio::select! {
-            result = &mut server => {
-                background.cancel();
-                result.context("the HTTP server panicked")?.context("the HTTP server failed")?;
-                anyhow::bail!("the HTTP server stopped on its own");
-            }
-            () = shutdown => {}
-        }
+        shutdown.await;
         tracing::info!(connections = registry.connection_count(), "shutting down");
         registry.shutdown();
         drain.cancel();
-        if tokio::time::timeout(timeout, &mut server).await.is_err() {
+        server.await.context("the accept loop panicked")?;
+        connections.close();
+        if tokio::time::timeout(timeout, connections.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 ?timeout,
                 "connections still open after the drain time; closing them"
             );
-            server.abort();
+            abort.cancel();
+            connections.wait().await;
         }
         background.cancel();
         tasks.close();

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod net;
 pub mod registry;
 pub mod replay;
+pub mod server;
 pub mod session;
 pub mod sse;
 pub mod telemetry;

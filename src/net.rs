@@ -1,4 +1,4 @@
-//! The listener: accepts TCP connections for axum and prepares them for streams that
+//! The listener: accepts TCP connections and prepares them for streams that
 //! stay open for hours. Each connection gets TCP keepalive and a user timeout (so a
 //! viewer that vanished without closing is found), and a write-stall guard: a viewer
 //! that accepts no bytes at all for `stall_limit` is disconnected. That is the only way
@@ -11,8 +11,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use prometheus_client::metrics::counter::Counter;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -42,11 +40,10 @@ impl StreamListener {
     }
 }
 
-impl Listener for StreamListener {
-    type Io = GuardedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+impl StreamListener {
+    /// The next connection; accept errors (out of file descriptors...) are logged and
+    /// retried after a pause instead of spinning.
+    pub async fn accept(&self) -> (GuardedStream, SocketAddr) {
         loop {
             match self.inner.accept().await {
                 Ok((tcp, addr)) => {
@@ -60,16 +57,11 @@ impl Listener for StreamListener {
                     return (io, addr);
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
     }
 }
 
@@ -89,12 +81,6 @@ fn configure(tcp: &TcpStream) {
 /// The peer's address, for handlers (`ConnectInfo<PeerAddr>`).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, StreamListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, StreamListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
 
 /// A TCP stream whose writes fail once they have been blocked for `stall_limit`.
 pub struct GuardedStream {

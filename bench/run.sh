@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Benchmarks chat-sync and nginx + Nchan side by side, in the same run, on loopback:
+#   bench/run.sh                 # all scenarios, 3 runs each (RUNS, DURATION, SCENARIOS to change)
+# Prints one table (medians, and chat-sync/Nchan ratios) and keeps the raw JSON lines
+# in bench/results/. Each run starts a fresh server; the load generator is one
+# single-threaded process, so it uses one core and leaves the other to the server.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10}
+SCENARIOS=${SCENARIOS:-"big-room chat-storm many-rooms idle"}
+TICK_MS=${TICK_MS:-24}
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
+[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || missing+=(libnginx-mod-nchan)
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+cargo build --release -q -p chat-sync -p loadgen
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
+
+work=$(mktemp -d)
+mkdir -p bench/results "$work/logs"
+out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --loglevel warning >/dev/null &
+pids+=($!)
+wait_port "$redis_port"
+
+scenario_args() {
+  case "$1" in
+    big-room)   echo "--connections 5000 --sessions 1 --rate 200 --connect-rate 5000" ;;
+    chat-storm) echo "--connections 1000 --sessions 1 --rate 2000" ;;
+    many-rooms) echo "--connections 5000 --sessions 1000 --rate 1000 --connect-rate 5000" ;;
+    idle)       echo "--connections 19000 --sessions 1000 --rate 0 --connect-rate 4000 --source 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4" ;;
+    *) echo "unknown scenario $1" >&2; exit 2 ;;
+  esac
+}
+
+start_chat_sync() {
+  port=$(free_port)
+  REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$port BIND_ADDR=127.0.0.1 TICK_MS=$TICK_MS \
+    RUST_LOG=warn target/release/chat-sync 2>>"$work/logs/chat-sync.log" &
+  server_pids=$!
+  pids+=($!)
+  wait_port "$port"
+  target_args="--target chat-sync --server 127.0.0.1:$port --redis redis://127.0.0.1:$redis_port"
+}
+
+start_nchan() {
+  port=$(free_port)
+  sed -e "s|__PORT__|$port|" -e "s|__MODULES__|/usr/lib/nginx/modules|" bench/nchan.conf >"$work/nginx.conf"
+  /usr/sbin/nginx -p "$work" -c "$work/nginx.conf" \
+    -g "daemon off; pid $work/nginx.pid; error_log $work/logs/nginx.log warn;" &
+  pids+=($!)
+  wait_port "$port"
+  local master; master=$(cat "$work/nginx.pid")
+  server_pids=$(echo "$master" $(pgrep -P "$master") | tr ' ' ',')
+  target_args="--target nchan --server 127.0.0.1:$port --nchan-pub 127.0.0.1:$port"
+}
+
+stop_server() {
+  for p in ${server_pids//,/ }; do kill "$p" 2>/dev/null || true; done
+  for p in ${server_pids//,/ }; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done
+}
+
+for run in $(seq "$RUNS"); do
+  for scenario in $SCENARIOS; do
+    for target in chat-sync nchan; do
+      "start_${target//-/_}"
+      duration=$DURATION; [ "$scenario" = idle ] && duration=3
+      echo "run $run/$RUNS: $scenario on $target" >&2
+      # shellcheck disable=SC2046
+      target/release/loadgen $target_args $(scenario_args "$scenario") --duration "$duration" \
+        --run "$run" --server-pid "$server_pids" --label "$scenario" >>"$out" \
+        || echo "  (loadgen failed: see above)" >&2
+      stop_server
+    done
+  done
+done
+
+python3 bench/summary.py "$out"
+echo "raw results: $out" >&2

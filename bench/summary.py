@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Prints the benchmark table from bench/run.sh's JSON lines: the median of the runs of
+each scenario on each server, and chat-sync / Nchan ratios (lower is better for chat-sync)."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+rows = defaultdict(list)
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if line.startswith("{"):
+        r = json.loads(line)
+        rows[(r["label"], r["target"])].append(r)
+
+
+def med(runs, f):
+    return statistics.median(f(r) for r in runs)
+
+
+COLUMNS = [
+    ("runs", lambda rs: len(rs), "{:.0f}"),
+    ("connected", lambda rs: med(rs, lambda r: r["connected"]), "{:.0f}"),
+    ("delivered/s", lambda rs: med(rs, lambda r: r["delivered_per_sec"]), "{:,.0f}"),
+    ("lost", lambda rs: max(r["lost"] for r in rs), "{:.0f}"),
+    ("dup", lambda rs: max(r["duplicates"] for r in rs), "{:.0f}"),
+    ("msgs/event", lambda rs: med(rs, lambda r: r["avg_batch"]), "{:.1f}"),
+    ("p50 ms", lambda rs: med(rs, lambda r: r["latency_ms"]["p50"]), "{:.1f}"),
+    ("p99 ms", lambda rs: med(rs, lambda r: r["latency_ms"]["p99"]), "{:.1f}"),
+    ("p99.9 ms", lambda rs: med(rs, lambda r: r["latency_ms"]["p999"]), "{:.1f}"),
+    ("max ms", lambda rs: med(rs, lambda r: r["latency_ms"]["max"]), "{:.1f}"),
+    ("server CPU µs/msg", lambda rs: med(rs, lambda r: r["server_cpu_us_per_delivery"]), "{:.3f}"),
+    ("server RSS KiB/conn", lambda rs: med(rs, lambda r: r["server_rss_kib_per_connection"]), "{:.2f}"),
+    ("loadgen CPU µs/msg", lambda rs: med(rs, lambda r: r["loadgen_cpu_us_per_delivery"]), "{:.3f}"),
+]
+
+print("| scenario | server | " + " | ".join(c[0] for c in COLUMNS) + " |")
+print("|---|---|" + "---|" * len(COLUMNS))
+scenarios = []
+for (label, _) in rows:
+    if label not in scenarios:
+        scenarios.append(label)
+for label in scenarios:
+    for target in ("ChatSync", "Nchan"):
+        rs = rows.get((label, target))
+        if not rs:
+            continue
+        cells = [fmt.format(f(rs)) for _, f, fmt in COLUMNS]
+        print(f"| {label} | {'chat-sync' if target == 'ChatSync' else 'nginx+Nchan'} | " + " | ".join(cells) + " |")
+
+print()
+print("| scenario | CPU/msg chat-sync ÷ Nchan | RSS/conn chat-sync ÷ Nchan | p99 chat-sync ÷ Nchan |")
+print("|---|---|---|---|")
+for label in scenarios:
+    a, b = rows.get((label, "ChatSync")), rows.get((label, "Nchan"))
+    if not a or not b:
+        continue
+
+    def ratio(f):
+        x, y = med(a, f), med(b, f)
+        return f"{x / y:.3f}" if y else "–"
+
+    print(f"| {label} | {ratio(lambda r: r['server_cpu_us_per_delivery'])} | "
+          f"{ratio(lambda r: r['server_rss_kib_per_connection'])} | {ratio(lambda r: r['latency_ms']['p99'])} |")
+
+idle = rows.get(("idle", "ChatSync"))
+if idle:
+    per = med(idle, lambda r: r["server_rss_kib_per_connection"])
+    print()
+    print(f"Idle projection (chat-sync, {per:.2f} KiB per connection): "
+          f"100,000 connections ≈ {per * 100_000 / 1024:,.0f} MiB, "
+          f"1,000,000 connections ≈ {per * 1_000_000 / 1024 / 1024:,.2f} GiB (plus the baseline).")
+    nchan = rows.get(("idle", "Nchan"))
+    if nchan:
+        n = med(nchan, lambda r: r["server_rss_kib_per_connection"])
+        print(f"Idle projection (Nchan, {n:.2f} KiB per connection): "
+              f"100,000 ≈ {n * 100_000 / 1024:,.0f} MiB, 1,000,000 ≈ {n * 1_000_000 / 1024 / 1024:,.2f} GiB.")

@@ -1,0 +1,155 @@
+//! The publisher: exactly `rate × duration` messages, round robin over the sessions,
+//! paced every millisecond, each carrying its session, sequence number and publish
+//! time. To Redis for chat-sync (as a tenant backend does), to Nchan's HTTP publisher
+//! for Nchan (pipelined on one keep-alive connection).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::client::now_us;
+use crate::stats::Stats;
+use crate::{Args, Target, session_id};
+
+pub async fn run(args: &Args, _stats: Rc<RefCell<Stats>>) -> anyhow::Result<u64> {
+    let total = args.rate * args.duration;
+    let padding = "x".repeat(args.payload_bytes);
+    let mut next_q = vec![0u64; args.sessions];
+    let mut sink = Sink::open(args).await?;
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while sent < total {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * args.rate as f64) as u64).min(total);
+        let mut batch = Vec::with_capacity((due - sent) as usize);
+        while sent < due {
+            let s = (sent % args.sessions as u64) as usize;
+            let q = next_q[s];
+            next_q[s] += 1;
+            let payload = format!(r#"{{"s":{s},"q":{q},"t":{},"p":"{padding}"}}"#, now_us());
+            batch.push((session_id(args.run, s), payload));
+            sent += 1;
+        }
+        if !batch.is_empty() {
+            sink.send(batch).await?;
+        }
+    }
+    sink.finish().await?;
+    Ok(sent)
+}
+
+enum Sink {
+    Redis(redis::aio::MultiplexedConnection),
+    Nchan {
+        conn: TcpStream,
+        outstanding: usize,
+        seen: Vec<u8>,
+    },
+}
+
+impl Sink {
+    async fn open(args: &Args) -> anyhow::Result<Self> {
+        Ok(match args.target {
+            Target::ChatSync => Self::Redis(
+                redis::Client::open(args.redis.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await?,
+            ),
+            Target::Nchan => {
+                let conn = TcpStream::connect(args.nchan_pub).await?;
+                conn.set_nodelay(true)?;
+                Self::Nchan {
+                    conn,
+                    outstanding: 0,
+                    seen: Vec::new(),
+                }
+            }
+        })
+    }
+
+    async fn send(&mut self, batch: Vec<(String, String)>) -> anyhow::Result<()> {
+        match self {
+            Self::Redis(conn) => {
+                let mut pipe = redis::pipe();
+                for (channel, payload) in &batch {
+                    pipe.publish(channel, payload).ignore();
+                }
+                pipe.query_async::<()>(conn).await?;
+            }
+            Self::Nchan {
+                conn,
+                outstanding,
+                seen,
+            } => {
+                let mut out = String::new();
+                for (channel, payload) in &batch {
+                    out.push_str(&format!(
+                        "POST /pub?id={channel} HTTP/1.1\r\nHost: loadgen\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{payload}",
+                        payload.len()
+                    ));
+                }
+                conn.write_all(out.as_bytes()).await?;
+                *outstanding += batch.len();
+                drain_responses(conn, outstanding, seen, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        if let Self::Nchan {
+            conn,
+            outstanding,
+            seen,
+        } = self
+        {
+            drain_responses(conn, outstanding, seen, true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Counts Nchan's responses (each starts with a status line) without parsing bodies;
+/// `wait` blocks until every request has been answered.
+async fn drain_responses(
+    conn: &mut TcpStream,
+    outstanding: &mut usize,
+    seen: &mut Vec<u8>,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = if wait && *outstanding > 0 {
+            conn.read(&mut buf).await?
+        } else {
+            match conn.try_read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        anyhow::ensure!(
+            n > 0 || *outstanding == 0,
+            "nchan closed the publisher connection"
+        );
+        seen.extend_from_slice(&buf[..n]);
+        let mut last = 0;
+        while let Some(p) = seen[last..].windows(9).position(|w| w == b"HTTP/1.1 ") {
+            let status = &seen[last + p + 9..];
+            if status.len() >= 1 {
+                anyhow::ensure!(status[0] == b'2', "nchan refused a publish");
+            }
+            *outstanding = outstanding.saturating_sub(1);
+            last += p + 9;
+        }
+        seen.drain(..last);
+        if *outstanding == 0 || (!wait && n == 0) {
+            return Ok(());
+        }
+    }
+}
