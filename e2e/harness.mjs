@@ -109,7 +109,8 @@ export async function startServer(env, port) {
     async metric(series) {
       const text = (await get(`http://127.0.0.1:${port}/metrics`)).body;
       const line = text.split("\n").find((l) => l.startsWith(series + " "));
-      return line ? Number(line.split(" ").pop()) : 0;
+      if (!line) throw new Error(`no ${series} in /metrics`);
+      return Number(line.split(" ").pop());
     },
   };
 }

@@ -79,6 +79,11 @@ impl Metrics {
             m.sessions.clone(),
         );
         r.register(
+            "sse_connects",
+            "SSE connect attempts, admitted or not",
+            m.connects.clone(),
+        );
+        r.register(
             "messages_received",
             "Chat messages received from the broker",
             m.messages_received.clone(),

@@ -92,6 +92,28 @@ pub struct GuardedStream {
 }
 
 impl GuardedStream {
+    /// Reads without consuming (to route the first request).
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.io.peek(buf).await
+    }
+
+    /// Resolves when the peer has closed its side or the connection failed; data it
+    /// sends meanwhile (a stream's client sends none) is discarded.
+    pub async fn peer_closed(&self) {
+        let mut sink = [0u8; 64];
+        loop {
+            if self.io.readable().await.is_err() {
+                return;
+            }
+            match self.io.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     fn guard<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if poll.is_ready() {
             self.stall = None;

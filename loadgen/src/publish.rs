@@ -141,7 +141,7 @@ async fn drain_responses(
         let mut last = 0;
         while let Some(p) = seen[last..].windows(9).position(|w| w == b"HTTP/1.1 ") {
             let status = &seen[last + p + 9..];
-            if status.len() >= 1 {
+            if !status.is_empty() {
                 anyhow::ensure!(status[0] == b'2', "nchan refused a publish");
             }
             *outstanding = outstanding.saturating_sub(1);

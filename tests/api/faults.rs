@@ -148,7 +148,7 @@ async fn a_viewer_that_stops_reading_is_dropped_without_hurting_the_others() {
     let redis = RedisServer::start().await;
     let server = ServerProcess::spawn(&[
         ("REDIS_URL", &redis.url()),
-        ("SLOW_CLIENT_TIMEOUT_MS", "1000"),
+        ("SLOW_CLIENT_TIMEOUT_MS", "3000"),
         ("SUBSCRIBER_BUFFER", "64"),
         ("REPLAY_BYTES", "1048576"),
     ])

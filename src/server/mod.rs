@@ -19,6 +19,8 @@ use tower::ServiceExt;
 
 use crate::net::{PeerAddr, StreamListener};
 
+mod streams;
+
 /// A client must send its request head within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -41,23 +43,42 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
-            router.clone().oneshot(request)
-        });
-        let connection = http.serve_connection(TokioIo::new(io), service);
         let (drain, abort) = (drain.clone(), abort.clone());
+        let http = http.clone();
         connections.spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = drain.cancelled() => connection.as_mut().graceful_shutdown(),
-            }
-            tokio::select! {
-                _ = connection => {}
-                _ = abort.cancelled() => {}
+            if streams::is_stream_request(&io, HEADER_READ_TIMEOUT).await {
+                streams::serve(io, PeerAddr(peer), router, abort, HEADER_READ_TIMEOUT).await;
+            } else {
+                // Boxed: hyper's connection state is large, and each task is sized for
+                // its largest branch; the stream branch stays small.
+                Box::pin(serve_http(http, io, peer, router, drain, abort)).await;
             }
         });
     }
     tracing::debug!("stopped accepting connections");
+}
+
+/// Any other request: hyper, with keep-alive, draining gracefully on shutdown.
+async fn serve_http(
+    http: http1::Builder,
+    io: crate::net::GuardedStream,
+    peer: std::net::SocketAddr,
+    router: Router,
+    drain: CancellationToken,
+    abort: CancellationToken,
+) {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+        router.clone().oneshot(request)
+    });
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        _ = drain.cancelled() => connection.as_mut().graceful_shutdown(),
+    }
+    tokio::select! {
+        _ = connection => {}
+        _ = abort.cancelled() => {}
+    }
 }

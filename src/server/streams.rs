@@ -1,0 +1,152 @@
+//! The viewers' streams, served without hyper.
+//!
+//! A viewer spends hours on one response. hyper keeps an 8 KiB read buffer and an
+//! 8 KiB header buffer for the whole life of a connection, which at tens of thousands
+//! of idle viewers is most of the server's memory. So a request for a stream is read
+//! here (one small parse, then the buffer is freed), handed to the same axum router as
+//! every other request (routing, CORS, errors, headers are not duplicated), and the
+//! response is written straight to the socket: head, then each shared frame as it
+//! comes, delimited by closing the connection (`Connection: close`), which is how
+//! EventSource expects a stream to end anyway.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Request, Response, header};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::net::{GuardedStream, PeerAddr};
+
+/// Requests for a stream start with this; everything else goes to hyper.
+pub const PREFIX: &[u8] = b"GET /api/v1/chats/sse-connect/";
+/// Largest request head accepted for a stream.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// Whether the connection's first request is for a stream, without consuming it.
+pub async fn is_stream_request(io: &GuardedStream, timeout: Duration) -> bool {
+    let mut peeked = [0u8; PREFIX.len()];
+    let probe = async {
+        loop {
+            let n = io.peek(&mut peeked).await.unwrap_or(0);
+            if n == 0 || !PREFIX.starts_with(&peeked[..n]) {
+                return false;
+            }
+            if n == PREFIX.len() {
+                return true;
+            }
+            // A request arriving in pieces: wait for more.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(timeout, probe).await.unwrap_or(false)
+}
+
+/// Serves one stream request, then closes the connection.
+pub async fn serve(
+    mut io: GuardedStream,
+    peer: PeerAddr,
+    router: Router,
+    abort: CancellationToken,
+    timeout: Duration,
+) {
+    let Ok(Some(request)) = tokio::time::timeout(timeout, read_request(&mut io)).await else {
+        let _ = io
+            .write_all(
+                b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            )
+            .await;
+        return;
+    };
+    let mut request = request;
+    request.extensions_mut().insert(ConnectInfo(peer));
+    let Ok(response) = router.oneshot(request).await;
+    let (parts, body) = response.into_parts();
+    let streaming = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    if !streaming {
+        // An error (400, 204, 503...): small, sent whole with its length.
+        let body = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let head = head(&Response::from_parts(parts, ()), Some(body.len()));
+        let _ = io.write_all(&[head.as_slice(), &body].concat()).await;
+        return;
+    }
+    if io
+        .write_all(&head(&Response::from_parts(parts, ()), None))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut frames = body.into_data_stream();
+    loop {
+        tokio::select! {
+            frame = frames.next() => match frame {
+                Some(Ok(bytes)) => {
+                    if io.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                _ => break,
+            },
+            () = io.peer_closed() => return,
+            () = abort.cancelled() => return,
+        }
+    }
+    let _ = io.shutdown().await;
+}
+
+/// Reads and parses one request head; `None` if it is malformed or too large.
+async fn read_request(io: &mut GuardedStream) -> Option<Request<Body>> {
+    // On the heap and freed once parsed: nothing of the request stays with the stream.
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if io.read_buf(&mut buf).await.ok()? == 0 {
+            return None;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut headers);
+        match parsed.parse(&buf).ok()? {
+            httparse::Status::Partial if buf.len() < MAX_HEAD => continue,
+            httparse::Status::Partial => return None,
+            httparse::Status::Complete(_) => {
+                let mut request = Request::builder().method(parsed.method?).uri(parsed.path?);
+                for h in parsed.headers.iter() {
+                    request = request.header(h.name, h.value);
+                }
+                return request.body(Body::empty()).ok();
+            }
+        }
+    }
+}
+
+/// The response head in HTTP/1.1 form; without a length the body ends at close.
+fn head(response: &Response<()>, length: Option<usize>) -> Vec<u8> {
+    let status = response.status();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .into_bytes();
+    for (name, value) in response.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(length) = length.filter(|_| status.as_u16() != 204 && status.as_u16() != 304) {
+        out.extend_from_slice(format!("content-length: {length}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"connection: close\r\n\r\n");
+    out
+}
