@@ -50,8 +50,10 @@ scenario_args() {
 
 start_chat_sync() {
   port=$(free_port)
+  # One worker thread, as Nchan gets one worker process: the load generator needs
+  # the other core of a two-core machine.
   REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$port BIND_ADDR=127.0.0.1 TICK_MS=$TICK_MS \
-    RUST_LOG=warn target/release/chat-sync 2>>"$work/logs/chat-sync.log" &
+    WORKER_THREADS=${WORKER_THREADS:-1} RUST_LOG=warn target/release/chat-sync 2>>"$work/logs/chat-sync.log" &
   server_pids=$!
   pids+=($!)
   wait_port "$port"

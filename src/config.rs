@@ -79,6 +79,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Names this instance in the `X-Instance-Id` header and in logs.
     pub instance_id: String,
+    /// Runtime worker threads; `None` uses one per core.
+    pub worker_threads: Option<usize>,
 }
 
 impl std::fmt::Debug for Config {
@@ -141,6 +143,10 @@ impl Config {
             instance_id: env
                 .string("INSTANCE_ID")
                 .unwrap_or_else(default_instance_id),
+            worker_threads: match env.string("WORKER_THREADS") {
+                None => None,
+                Some(_) => Some(env.count("WORKER_THREADS", 0, 1..=1024)?),
+            },
         })
     }
 }

@@ -145,7 +145,29 @@ impl Metrics {
             "Captured messages not yet acknowledged by the tenant backend",
             m.billing_pending.clone(),
         );
+        // Every known label value starts at 0, so dashboards and rate() see the series
+        // before the first event (an empty family is not exposed at all).
+        for reason in ["oversize", "unknown_session", "after_end"] {
+            m.drop_message_counter(reason);
+        }
+        for reason in [
+            "ended",
+            "shutting_down",
+            "max_connections",
+            "max_connections_per_session",
+            "max_sessions",
+            "broker",
+        ] {
+            drop(m.rejected_connections.get_or_create(&Reason { reason }));
+        }
+        for outcome in ["accepted", "failed", "dropped"] {
+            drop(m.billing_requests.get_or_create(&Outcome { outcome }));
+        }
         Self { registry, ..m }
+    }
+
+    fn drop_message_counter(&self, reason: &'static str) {
+        drop(self.messages_dropped.get_or_create(&Reason { reason }));
     }
 
     /// The registry in the text exposition format.

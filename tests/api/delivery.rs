@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use uuid::Uuid;
 
-use crate::common::{RedisServer, Subscriber, TestApp, chat, seq_of};
+use crate::common::{RedisServer, Subscriber, TestApp, chat, redis_conn, seq_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn burst_reaches_every_subscriber_in_order_once_and_batched() {
@@ -65,11 +65,7 @@ async fn concurrent_publishers_lose_and_duplicate_nothing_across_many_ticks() {
     let publishers = (0..PUBLISHERS).map(|p| {
         let url = redis.url();
         tokio::spawn(async move {
-            let mut conn = redis::Client::open(url)
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+            let mut conn = redis_conn(&url).await;
             for i in 0..PER_PUBLISHER {
                 let _: usize = redis::AsyncCommands::publish(
                     &mut conn,

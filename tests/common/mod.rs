@@ -4,7 +4,11 @@
 
 #![allow(dead_code)]
 
+pub mod sse;
 pub mod tenant;
+
+pub use sse::Event;
+use sse::SseReader;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -12,8 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use chat_sync::{Application, Config};
-use eventsource_stream::{Event, Eventsource};
-use futures::{Stream, StreamExt};
 use redis::AsyncCommands;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -103,11 +105,7 @@ impl RedisServer {
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+        redis_conn(&self.url()).await
     }
 
     /// Publishes as a tenant backend would (`redis-cli PUBLISH`).
@@ -132,6 +130,15 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A connection to a test Redis by URL, for tasks that cannot borrow the server.
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
 }
 
 pub fn free_port() -> u16 {
@@ -293,13 +300,11 @@ pub fn sse_path(session: Uuid) -> String {
     format!("/api/v1/chats/sse-connect/{session}")
 }
 
-pub type Events = std::pin::Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>;
-
 /// One viewer's EventSource-like connection.
 pub struct Subscriber {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
-    events: Events,
+    events: SseReader,
     /// The id of the last event received, as a browser keeps it.
     pub last_event_id: Option<String>,
     /// Number of batch (unnamed) events received.
@@ -315,11 +320,7 @@ impl Subscriber {
         let response = request.send().await.expect("connect");
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let events = response
-            .bytes_stream()
-            .eventsource()
-            .map(|e| e.map_err(|e| e.to_string()))
-            .boxed();
+        let events = SseReader::new(response);
         Self {
             status,
             headers,
@@ -336,8 +337,8 @@ impl Subscriber {
             .expect("no event within the wait")?
         {
             Ok(event) => event,
-            // A stream cut by the server ends like a close; anything else is a bug.
-            Err(e) if e.contains("connection closed") || e.contains("reset") => return None,
+            // A connection the server cut mid-body ends the stream like a close.
+            Err(e) if e.contains("IncompleteMessage") || e.contains("reset") => return None,
             Err(e) => panic!("the stream failed: {e}"),
         };
         if !event.id.is_empty() {
