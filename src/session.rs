@@ -114,7 +114,6 @@ impl Sessions {
                     session.inbox.lock().unwrap().gap = true;
                 }
             }
-            BrokerEvent::Reconnected => {}
         }
     }
 

@@ -29,8 +29,6 @@ pub enum BrokerEvent<'a> {
     Message { channel: &'a [u8], payload: Bytes },
     /// The Redis connection was lost; whatever is published until it is back is lost.
     Disconnected,
-    /// The connection is back and subscriptions are restored.
-    Reconnected,
 }
 
 /// Receives broker events on the connection's own task: it must not block or await.

@@ -50,21 +50,20 @@ impl RedisBroker {
             .map_err(|e| BrokerError::Command(e.to_string()))?;
         let connected = Arc::new(AtomicBool::new(false));
         let push_connected = connected.clone();
-        let push_sink = sink.clone();
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(usize::MAX)
             .set_max_delay(Duration::from_secs(1))
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_automatic_resubscription()
             .set_push_sender(move |push: PushInfo| {
-                on_push(&push_sink, &push_connected, push);
+                on_push(&sink, &push_connected, push);
                 Ok::<(), std::convert::Infallible>(())
             });
         let manager = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| BrokerError::Command(e.to_string()))?;
         let (commands, rx) = mpsc::unbounded_channel();
         tasks.spawn(run_commands(manager.clone(), rx, token.clone()));
-        tasks.spawn(run_health(manager.clone(), connected.clone(), sink, token));
+        tasks.spawn(run_health(manager.clone(), connected.clone(), token));
         Ok(Self {
             commands,
             manager,
@@ -173,7 +172,6 @@ async fn run_commands(
 async fn run_health(
     mut manager: ConnectionManager,
     connected: Arc<AtomicBool>,
-    sink: Sink,
     token: CancellationToken,
 ) {
     let mut interval = tokio::time::interval(HEALTH_INTERVAL);
@@ -195,7 +193,6 @@ async fn run_health(
         if ok && !was {
             if ever_connected {
                 tracing::info!("redis connection restored");
-                sink(BrokerEvent::Reconnected);
             } else {
                 tracing::info!("redis connected");
             }

@@ -4,133 +4,28 @@
 
 #![allow(dead_code)]
 
+mod process;
+mod redis_server;
 pub mod sse;
 pub mod tenant;
+
+pub use process::ServerProcess;
+pub use redis_server::RedisServer;
 
 pub use sse::Event;
 use sse::SseReader;
 
 use std::collections::HashMap;
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use chat_sync::{Application, Config};
-use redis::AsyncCommands;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Generous bound for anything the tests wait on; conditions end the wait, not time.
 pub const WAIT: Duration = Duration::from_secs(15);
-
-/// A `redis-server` owned by one test; killed when dropped.
-pub struct RedisServer {
-    pub port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    pub async fn start() -> Self {
-        for _ in 0..20 {
-            let port = free_port();
-            let mut server = Self { port, child: None };
-            if server.spawn().await {
-                return server;
-            }
-        }
-        panic!("could not start redis-server (is it installed? .ci/run installs it)");
-    }
-
-    /// Spawns on `self.port`; false if it did not come up (port taken).
-    async fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "no", "--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be on PATH (.ci/run installs it)");
-        self.child = Some(child);
-        for _ in 0..200 {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let _ = status;
-                self.child = None;
-                return false;
-            }
-            if self.ping().await {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        false
-    }
-
-    async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
-        match client.get_multiplexed_async_connection().await {
-            Ok(mut c) => redis::cmd("PING")
-                .query_async::<String>(&mut c)
-                .await
-                .is_ok(),
-            Err(_) => false,
-        }
-    }
-
-    /// Kills the server, as a crash would.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts it again on the same port.
-    pub async fn restart(&mut self) {
-        self.kill();
-        for _ in 0..100 {
-            if self.spawn().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("redis-server did not restart on port {}", self.port);
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis_conn(&self.url()).await
-    }
-
-    /// Publishes as a tenant backend would (`redis-cli PUBLISH`).
-    pub async fn publish(&self, channel: &str, payload: &str) -> usize {
-        self.conn().await.publish(channel, payload).await.unwrap()
-    }
-
-    /// Subscribers of a channel on the real server (`PUBSUB NUMSUB`).
-    pub async fn numsub(&self, channel: &str) -> usize {
-        let mut conn = self.conn().await;
-        let (_, n): (String, usize) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(channel)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        n
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A connection to a test Redis by URL, for tasks that cannot borrow the server.
 pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
@@ -409,90 +304,5 @@ where
             "timed out waiting until {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The real binary in its own process, for what only a process shows (signals, exit).
-pub struct ServerProcess {
-    pub base: String,
-    child: Child,
-}
-
-impl ServerProcess {
-    pub async fn spawn(vars: &[(&str, &str)]) -> Self {
-        for _ in 0..10 {
-            let port = free_port();
-            let mut command = Command::new(env!("CARGO_BIN_EXE_chat-sync"));
-            command
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .env("BIND_ADDR", "127.0.0.1")
-                .env("PORT", port.to_string())
-                .env("RUST_LOG", "warn")
-                .current_dir(std::env::temp_dir())
-                .stdout(Stdio::null());
-            for (k, v) in vars {
-                command.env(k, v);
-            }
-            let mut child = command.spawn().expect("start chat-sync");
-            let base = format!("http://127.0.0.1:{port}");
-            let http = reqwest::Client::new();
-            for _ in 0..400 {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                let ready = http.get(format!("{base}/readyz")).send().await;
-                if ready.is_ok_and(|r| r.status() == 200) {
-                    return Self { base, child };
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("chat-sync did not start");
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
-    pub fn addr(&self) -> std::net::SocketAddr {
-        self.base.trim_start_matches("http://").parse().unwrap()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends SIGTERM, as `docker stop` does.
-    pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit; returns its exit code and how long it took.
-    pub async fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), start.elapsed());
-            }
-            assert!(
-                start.elapsed() < limit,
-                "chat-sync still running after {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -1,0 +1,90 @@
+//! The real binary in its own process, for what only a process shows (signals, exit).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::free_port;
+
+pub struct ServerProcess {
+    pub base: String,
+    child: Child,
+}
+
+impl ServerProcess {
+    pub async fn spawn(vars: &[(&str, &str)]) -> Self {
+        for _ in 0..10 {
+            let port = free_port();
+            let mut command = Command::new(env!("CARGO_BIN_EXE_chat-sync"));
+            command
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env("BIND_ADDR", "127.0.0.1")
+                .env("PORT", port.to_string())
+                .env("RUST_LOG", "warn")
+                .current_dir(std::env::temp_dir())
+                .stdout(Stdio::null());
+            for (k, v) in vars {
+                command.env(k, v);
+            }
+            let mut child = command.spawn().expect("start chat-sync");
+            let base = format!("http://127.0.0.1:{port}");
+            let http = reqwest::Client::new();
+            for _ in 0..400 {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                let ready = http.get(format!("{base}/readyz")).send().await;
+                if ready.is_ok_and(|r| r.status() == 200) {
+                    return Self { base, child };
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("chat-sync did not start");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.base.trim_start_matches("http://").parse().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM, as `docker stop` does.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its exit code and how long it took.
+    pub async fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "chat-sync still running after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

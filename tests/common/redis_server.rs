@@ -1,0 +1,117 @@
+//! A real `redis-server` per test, on a free loopback port, that the test can kill and
+//! restart on the same port.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+
+use super::{free_port, redis_conn};
+
+/// A `redis-server` owned by one test; killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        for _ in 0..20 {
+            let port = free_port();
+            let mut server = Self { port, child: None };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server (is it installed? .ci/run installs it)");
+    }
+
+    /// Spawns on `self.port`; false if it did not come up (port taken).
+    async fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH (.ci/run installs it)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let _ = status;
+                self.child = None;
+                return false;
+            }
+            if self.ping().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        match client.get_multiplexed_async_connection().await {
+            Ok(mut c) => redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Kills the server, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        for _ in 0..100 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not restart on port {}", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis_conn(&self.url()).await
+    }
+
+    /// Publishes as a tenant backend would (`redis-cli PUBLISH`).
+    pub async fn publish(&self, channel: &str, payload: &str) -> usize {
+        self.conn().await.publish(channel, payload).await.unwrap()
+    }
+
+    /// Subscribers of a channel on the real server (`PUBSUB NUMSUB`).
+    pub async fn numsub(&self, channel: &str) -> usize {
+        let mut conn = self.conn().await;
+        let (_, n): (String, usize) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        n
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
