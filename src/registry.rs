@@ -132,10 +132,6 @@ impl Registry {
         }
     }
 
-    pub fn broker(&self) -> &Broker {
-        &self.broker
-    }
-
     pub fn session_count(&self) -> usize {
         self.session_count.load(Ordering::Acquire)
     }
