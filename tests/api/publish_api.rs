@@ -119,3 +119,51 @@ async fn bad_input_gets_clear_json_errors() {
     assert_eq!(app.post(&messages, &chat("p1", 0)).await.status(), 202);
     assert_eq!(viewer.messages(1).await, vec![chat("p1", 0)]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_each_route_and_each_documented_route_is_served() {
+    let app = TestApp::spawn(None, &[]).await;
+    let doc: serde_json::Value = app.get("/openapi.json").await.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let room = Uuid::new_v4();
+    for (path, method, concrete) in [
+        (
+            "/api/v1/chats/sse-connect/{sessionId}",
+            "get",
+            format!("/api/v1/chats/sse-connect/{room}"),
+        ),
+        (
+            "/api/v1/chats/{sessionId}/messages",
+            "post",
+            format!("/api/v1/chats/{room}/messages"),
+        ),
+        (
+            "/api/v1/chats/{sessionId}/end",
+            "post",
+            format!("/api/v1/chats/{room}/end"),
+        ),
+        ("/healthz", "get", "/healthz".into()),
+        ("/readyz", "get", "/readyz".into()),
+        ("/metrics", "get", "/metrics".into()),
+        ("/openapi.json", "get", "/openapi.json".into()),
+        ("/", "get", "/".into()),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} is documented"
+        );
+        let request = match method {
+            "get" => app.http.get(app.url(&concrete)),
+            _ => app.http.post(app.url(&concrete)).body(chat("p", 0)),
+        };
+        // For the stream, only the head is read: the body does not end.
+        let status = request.send().await.unwrap().status();
+        assert_ne!(status, 404, "{method} {concrete} is served");
+        assert_ne!(status, 405, "{method} {concrete} is served");
+    }
+    assert_eq!(
+        app.get("/no/such/route").await.status(),
+        404,
+        "the check can fail"
+    );
+}
