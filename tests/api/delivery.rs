@@ -74,9 +74,10 @@ async fn concurrent_publishers_lose_and_duplicate_nothing_across_many_ticks() {
                 )
                 .await
                 .unwrap();
-                if i % 20 == 0 {
-                    // Spread the load over many ticks, as a live chat would be.
-                    tokio::time::sleep(Duration::from_millis(3)).await;
+                if i % 8 == 7 {
+                    // Spread the load over many ticks, as a live chat would be: at
+                    // least 75 pauses of 4 ms, so well over 50 ticks of 5 ms.
+                    tokio::time::sleep(Duration::from_millis(4)).await;
                 }
             }
         })
