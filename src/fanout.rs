@@ -53,6 +53,7 @@ impl Ticker {
             if now.duration_since(last_reap) >= REAP_INTERVAL {
                 last_reap = now;
                 for freed in self.registry.reap(now) {
+                    // Freed either way; `settle` only says whether it also ended.
                     self.settle(&freed, now);
                     self.usage.closed(freed.id);
                 }
@@ -73,15 +74,20 @@ impl Ticker {
     pub fn tick_once(&self, sessions: &mut Vec<Arc<Session>>, now: Instant) {
         sessions.extend(self.registry.sessions.map.iter().map(|s| s.value().clone()));
         for session in sessions.drain(..) {
-            self.settle(&session, now);
+            if self.settle(&session, now) {
+                self.usage.closed(session.id);
+            }
         }
     }
 
-    fn settle(&self, session: &Arc<Session>, now: Instant) {
-        if self.capture(session, now) {
+    /// Captures and fans out one session, and frees it if it ended; returns whether it
+    /// did.
+    fn settle(&self, session: &Arc<Session>, now: Instant) -> bool {
+        let ended = self.capture(session, now);
+        if ended {
             self.registry.finish(session);
-            self.usage.closed(session.id);
         }
+        ended
     }
 
     /// Captures and fans out one session; returns whether the session ended.

@@ -36,7 +36,7 @@ async fn publish_message(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, AppError> {
-    authorize(&state, &headers, peer)?;
+    authorize(state.config.publish_token.as_deref(), &headers, peer)?;
     let id = session_id(&raw)?;
     let body = json_object(body, state.config.max_message_bytes)?
         .ok_or_else(|| AppError::BadRequest("the body must be a JSON object".into()))?;
@@ -53,7 +53,7 @@ async fn end_session(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, AppError> {
-    authorize(&state, &headers, peer)?;
+    authorize(state.config.publish_token.as_deref(), &headers, peer)?;
     let id = session_id(&raw)?;
     let body = match json_object(body, state.config.max_message_bytes)? {
         Some(body) => body,
@@ -70,11 +70,7 @@ fn accepted(id: uuid::Uuid, receivers: usize) -> impl IntoResponse {
     )
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap, peer: SocketAddr) -> Result<(), AppError> {
-    check(state.config.publish_token.as_deref(), headers, peer)
-}
-
-fn check(token: Option<&str>, headers: &HeaderMap, peer: SocketAddr) -> Result<(), AppError> {
+fn authorize(token: Option<&str>, headers: &HeaderMap, peer: SocketAddr) -> Result<(), AppError> {
     let Some(token) = token else {
         return if peer.ip().is_loopback() {
             Ok(())
@@ -134,7 +130,7 @@ mod tests {
         if let Some(h) = header {
             headers.insert(header::AUTHORIZATION, h.parse().unwrap());
         }
-        check(token, &headers, peer.parse().unwrap())
+        authorize(token, &headers, peer.parse().unwrap())
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub async fn serve(
     abort: CancellationToken,
     timeout: Duration,
 ) {
-    let Ok(Some(request)) = tokio::time::timeout(timeout, read_request(&mut io)).await else {
+    let Ok(Some(mut request)) = tokio::time::timeout(timeout, read_request(&mut io)).await else {
         let _ = io
             .write_all(
                 b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
@@ -63,7 +63,6 @@ pub async fn serve(
             .await;
         return;
     };
-    let mut request = request;
     request.extensions_mut().insert(ConnectInfo(peer));
     let Ok(response) = router.oneshot(request).await;
     let (parts, body) = response.into_parts();
