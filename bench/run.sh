@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks chat-sync and nginx + Nchan side by side, in the same run, on loopback:
 #   bench/run.sh                 # all scenarios, 3 runs each (RUNS, DURATION, SCENARIOS to change)
+#   SCENARIOS=nginx-rooms bench/run.sh   # latency through deploy/nginx.conf, 3 instances
 # Prints one table (medians, and chat-sync/Nchan ratios) and keeps the raw JSON lines
 # in bench/results/. Each run starts a fresh server; the load generator is one
 # single-threaded process, so it uses one core and leaves the other to the server.
@@ -9,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-10}
-SCENARIOS=${SCENARIOS:-"big-room chat-storm many-rooms idle"}
+SCENARIOS=${SCENARIOS:-"big-room chat-storm many-rooms idle nginx-rooms"}
 TICK_MS=${TICK_MS:-24}
 
 missing=()
@@ -44,6 +45,8 @@ scenario_args() {
     chat-storm) echo "--connections 1000 --sessions 1 --rate 2000" ;;
     many-rooms) echo "--connections 5000 --sessions 1000 --rate 1000 --connect-rate 5000" ;;
     idle)       echo "--connections 19000 --sessions 1000 --rate 0 --connect-rate 4000 --source 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4" ;;
+    # What the scale-out test used to time: 200 sessions x 3 viewers through nginx.
+    nginx-rooms) echo "--connections 600 --sessions 200 --rate 200 --connect-rate 2000" ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
@@ -57,6 +60,32 @@ start_chat_sync() {
   server_pids=$!
   pids+=($!)
   wait_port "$port"
+  target_args="--target chat-sync --server 127.0.0.1:$port --redis redis://127.0.0.1:$redis_port"
+}
+
+# Three instances behind the real nginx running deploy/nginx.conf (upstream names and
+# listen port substituted), as the README deploys them. Server CPU and RSS are summed
+# over the three instances and nginx.
+start_chat_sync_nginx() {
+  local ports=() all=()
+  for i in 1 2 3; do
+    local p; p=$(free_port); ports+=("$p")
+    REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$p BIND_ADDR=127.0.0.1 TICK_MS=$TICK_MS \
+      INSTANCE_ID="bench-$i" WORKER_THREADS=${WORKER_THREADS:-1} RUST_LOG=warn \
+      target/release/chat-sync 2>>"$work/logs/chat-sync-$i.log" &
+    pids+=($!); all+=($!)
+    wait_port "$p"
+  done
+  port=$(free_port)
+  sed -e "s|listen 8080;|listen 127.0.0.1:$port;|" -e "s|chat-sync-1:8080|127.0.0.1:${ports[0]}|" \
+    -e "s|chat-sync-2:8080|127.0.0.1:${ports[1]}|" -e "s|chat-sync-3:8080|127.0.0.1:${ports[2]}|" \
+    -e "s|worker_processes auto;|worker_processes 1;|" deploy/nginx.conf >"$work/deploy-nginx.conf"
+  /usr/sbin/nginx -p "$work" -c "$work/deploy-nginx.conf" \
+    -g "daemon off; pid $work/deploy-nginx.pid; error_log $work/logs/deploy-nginx.log warn;" &
+  pids+=($!)
+  wait_port "$port"
+  local master; master=$(cat "$work/deploy-nginx.pid")
+  server_pids=$(echo "${all[@]}" "$master" $(pgrep -P "$master") | tr ' ' ',')
   target_args="--target chat-sync --server 127.0.0.1:$port --redis redis://127.0.0.1:$redis_port"
 }
 
@@ -79,7 +108,8 @@ stop_server() {
 
 for run in $(seq "$RUNS"); do
   for scenario in $SCENARIOS; do
-    for target in chat-sync nchan; do
+    targets="chat-sync nchan"; [ "$scenario" = nginx-rooms ] && targets="chat-sync-nginx"
+    for target in $targets; do
       "start_${target//-/_}"
       duration=$DURATION; [ "$scenario" = idle ] && duration=3
       echo "run $run/$RUNS: $scenario on $target" >&2

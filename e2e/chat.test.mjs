@@ -29,9 +29,12 @@ test("500 messages published to Redis appear in the page in order, exactly once"
     const sent = Array.from({ length: 500 }, (_, i) => chat(i));
     await redis.publish(room, sent);
     await page.waitForFunction(() => document.querySelectorAll(".msg").length >= 500);
-    await sleep(300);
-    assert.deepEqual(await shown(page), sent);
-    assert.equal(await page.textContent("#total"), "500");
+    // A marker published now arrives after anything still due, so a duplicate of the
+    // 500 would show before it: the check waits on the marker, not on a timer.
+    await redis.publish(room, [chat(500)]);
+    await page.waitForFunction(() => document.querySelectorAll(".msg").length >= 501);
+    assert.deepEqual(await shown(page), [...sent, chat(500)]);
+    assert.equal(await page.textContent("#total"), "501");
     await page.close();
   } finally {
     await server.stop();
@@ -55,7 +58,9 @@ test("a cut connection resumes with Last-Event-ID; a restarted server resets his
       await sleep(4);
     }
     await page.waitForFunction((n) => document.querySelectorAll(".msg").length >= n, 300);
-    await sleep(300);
+    sent.push(chat(300));
+    await redis.publish(room, [chat(300)]);
+    await page.waitForFunction((n) => document.querySelectorAll(".msg").length >= n, 301);
     assert.deepEqual(await shown(page), sent, "every message exactly once, in order, across two cuts");
     assert.ok(proxy.connections() >= 3, "the browser reconnected by itself");
 
@@ -66,7 +71,7 @@ test("a cut connection resumes with Last-Event-ID; a restarted server resets his
       .some((n) => n.textContent.includes("History was reset")));
     await page.waitForSelector("#state.live");
     await redis.publish(room, [chat(1000)]);
-    await page.waitForFunction(() => document.querySelectorAll(".msg").length >= 301);
+    await page.waitForFunction(() => document.querySelectorAll(".msg").length >= 302);
     assert.equal((await shown(page)).at(-1), chat(1000), "live again after the reset");
     await page.close();
   } finally {
@@ -89,8 +94,14 @@ test("_END shows the session ended and the browser stops reconnecting", async ()
     await redis.publish(`${room}_END`, [JSON.stringify({ id: room, deletedAt: "2026-11-24T11:00:00" })]);
     await page.waitForSelector("#state.ended");
     assert.match(await page.textContent("#chat"), /This session has ended/);
-    await sleep(1500);
+    assert.equal(await page.evaluate(() => source.readyState), 2, "the page's stream is closed for good");
     assert.equal(await server.metric("chat_sync_sse_connects_total"), connects, "no reconnect after the end");
+    // A browser that lands on the ended session anyway (a stream the page did not close
+    // itself, as a reconnect would) is answered 204, and EventSource gives up for good:
+    // CLOSED is final, so no timer is needed to see that it never comes back.
+    await page.evaluate((id) => { window.late = new EventSource(`api/v1/chats/sse-connect/${id}`); }, room);
+    await page.waitForFunction(() => window.late.readyState === EventSource.CLOSED);
+    assert.equal(await server.metric("chat_sync_sse_connects_total"), connects + 1, "one attempt, answered 204");
     assert.equal(await server.metric("chat_sync_connections"), 0);
     await page.close();
   } finally {
@@ -133,7 +144,8 @@ test("a page on another origin can subscribe when CORS allows it, not otherwise"
         await waitFor("the browser connected", async () => (await server.metric("chat_sync_sse_connects_total")) >= 1);
         await redis.publish(room, [chat(7)]);
         await page.waitForFunction(() => document.body.dataset.error);
-        await sleep(500);
+        // A CORS failure fails the EventSource for good (CLOSED): nothing can arrive after.
+        await page.waitForFunction(() => es.readyState === EventSource.CLOSED);
         assert.equal(await page.evaluate(() => document.body.dataset.got), undefined, "the browser refused the stream");
       }
       await page.close();

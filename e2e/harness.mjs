@@ -16,7 +16,7 @@ const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 /** Polls `check` until it returns a truthy value; fails after `ms`. */
-export async function waitFor(what, check, ms = 15000) {
+export async function waitFor(what, check, ms = 30000) {
   const deadline = Date.now() + ms;
   for (;;) {
     const value = await check();
@@ -79,7 +79,7 @@ export async function startRedis() {
     proc.on("exit", () => { exited = true; });
     const redis = new Redis(port);
     try {
-      await waitFor("redis answers", async () => !exited && (await redis.send([["PING"]]).catch(() => 0)) === 1, 5000);
+      await waitFor("redis answers", async () => !exited && (await redis.send([["PING"]]).catch(() => 0)) === 1, 15000);
       redis.stop = () => proc.kill("SIGKILL");
       return redis;
     } catch (_) {

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub usage_captured: Counter,
     pub billing_requests: Family<Outcome, Counter>,
     pub billing_pending: Gauge,
+    pub billing_flushes: Counter,
 }
 
 impl Default for Metrics {
@@ -69,6 +70,7 @@ impl Metrics {
             usage_captured: Counter::default(),
             billing_requests: Family::default(),
             billing_pending: Gauge::default(),
+            billing_flushes: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -144,6 +146,11 @@ impl Metrics {
             "billing_pending",
             "Captured messages not yet acknowledged by the tenant backend",
             m.billing_pending.clone(),
+        );
+        r.register(
+            "billing_flushes",
+            "Usage flushes completed, whether or not they had anything to send",
+            m.billing_flushes.clone(),
         );
         // Every known label value starts at 0, so dashboards and rate() see the series
         // before the first event (an empty family is not exposed at all).

@@ -107,6 +107,7 @@ impl Billing {
             } else {
                 (delay * 2).min(MAX_BACKOFF)
             };
+            self.metrics.billing_flushes.inc();
         }
         tracing::debug!("billing loop stopped");
     }

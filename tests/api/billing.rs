@@ -21,13 +21,25 @@ async fn publish_paced(redis: &RedisServer, room: Uuid, range: std::ops::Range<u
     }
 }
 
-/// Waits until the tenant's total is `n`, then a few more flushes to see it stay there.
-async fn assert_total_settles(tenant: &Tenant, room: Uuid, n: u64) {
+/// Waits until the tenant's total is `n` and every instance in `apps` has nothing
+/// pending and has completed two more flushes since, then checks that it stayed `n`:
+/// a double count would have been sent by then.
+async fn assert_total_settles(tenant: &Tenant, room: Uuid, n: u64, apps: &[&TestApp]) {
     wait_until(&format!("the tenant has {n} for the session"), || async {
         tenant.total(room) >= n
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    for app in apps {
+        wait_until("nothing is pending", || async {
+            app.metric("chat_sync_billing_pending").await == 0.0
+        })
+        .await;
+        let flushes = app.metric("chat_sync_billing_flushes_total").await;
+        wait_until("two more flushes", || async {
+            app.metric("chat_sync_billing_flushes_total").await >= flushes + 2.0
+        })
+        .await;
+    }
     assert_eq!(tenant.total(room), n, "reports: {:?}", tenant.reports(room));
 }
 
@@ -38,22 +50,34 @@ async fn tenant_receives_exactly_n_in_far_fewer_requests_than_ticks() {
     let base = tenant.base_url();
     let vars = [
         ("TENANT_BASE_URL", base.as_str()),
-        ("BILLING_FLUSH_MS", "150"),
+        ("BILLING_FLUSH_MS", "500"),
     ];
     let app = TestApp::spawn(Some(&redis), &vars).await;
     let room = Uuid::new_v4();
     let mut viewers: Vec<Subscriber> = join_all((0..3).map(|_| app.connect(room))).await;
 
-    publish_paced(&redis, room, 0..600).await;
-    for viewer in &mut viewers {
-        viewer.messages(600).await;
+    // Ten messages at a time, each block once every viewer has the previous one: at
+    // least 60 batches, however fast or slow the machine is.
+    let mut conn = redis.conn().await;
+    for block in 0..60 {
+        for i in block * 10..(block + 1) * 10 {
+            let _: usize =
+                redis::AsyncCommands::publish(&mut conn, room.to_string(), chat("p1", i))
+                    .await
+                    .unwrap();
+        }
+        for viewer in &mut viewers {
+            viewer.messages(10).await;
+        }
     }
-    assert_total_settles(&tenant, room, 600).await;
-    let requests = tenant.reports(room).len();
-    let batches = viewers[0].batches;
+    assert_total_settles(&tenant, room, 600, &[&app]).await;
+    let requests = tenant.reports(room).len() as f64;
+    let batches = viewers[0].batches as f64;
+    let flushes = app.metric("chat_sync_billing_flushes_total").await;
+    assert!(batches >= 60.0);
     assert!(
-        requests * 3 < batches,
-        "{requests} requests for {batches} ticks with messages: counts must be accumulated"
+        requests <= flushes && requests < batches,
+        "{requests} requests in {flushes} flushes for {batches} batches: counts must be accumulated"
     );
     assert_eq!(
         app.metric("chat_sync_usage_captured_total").await,
@@ -98,7 +122,7 @@ async fn a_failing_then_absent_tenant_costs_retries_not_counts() {
 
     tenant.answer(200);
     tenant.resume().await;
-    assert_total_settles(&tenant, room, 300).await;
+    assert_total_settles(&tenant, room, 300, &[&app]).await;
     assert_eq!(app.metric("chat_sync_billing_pending").await, 0.0);
 }
 
@@ -128,7 +152,7 @@ async fn two_instances_serving_one_session_bill_it_once() {
     publish_paced(&redis, room, 0..500).await;
     on_a.messages(500).await;
     on_b.messages(500).await;
-    assert_total_settles(&tenant, room, 500).await;
+    assert_total_settles(&tenant, room, 500, &[&a, &b]).await;
     assert_eq!(a.metric("chat_sync_usage_captured_total").await, 500.0);
     assert_eq!(b.metric("chat_sync_usage_captured_total").await, 500.0);
 
@@ -148,7 +172,7 @@ async fn two_instances_serving_one_session_bill_it_once() {
     holder.stop().await;
     publish_paced(&redis, room, 500..800).await;
     on_other.messages(300).await;
-    assert_total_settles(&tenant, room, 800).await;
+    assert_total_settles(&tenant, room, 800, &[&other]).await;
     drop(on_other);
     other.stop().await;
 }

@@ -8,8 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::common::{
-    RedisServer, ServerProcess, Subscriber, TestApp, WAIT, batch, chat, redis_conn, sse_path,
-    wait_until,
+    RedisServer, ServerProcess, Subscriber, TestApp, WAIT, batch, chat, sse_path, wait_until,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +26,6 @@ async fn redis_restart_resumes_delivery_on_open_streams() {
     })
     .await;
     redis.restart().await;
-    let back = std::time::Instant::now();
     wait_until("/readyz is ready again", || async {
         app.get("/readyz").await.status() == 200
     })
@@ -36,11 +34,6 @@ async fn redis_restart_resumes_delivery_on_open_streams() {
         redis.numsub(&room.to_string()).await == 1
     })
     .await;
-    assert!(
-        back.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        back.elapsed()
-    );
 
     redis.publish(&room.to_string(), &chat("p1", 1)).await;
     let mut saw_reset = false;
@@ -143,63 +136,107 @@ fn rss_kib(pid: u32) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// A ~950-byte chat payload numbered `i`.
+fn big_payload(i: usize) -> String {
+    format!(r#"{{"id":"p1","seq":{i},"message":"{}"}}"#, "x".repeat(900))
+}
+const BIG_PAYLOAD_BYTES: usize = 950;
+
+/// A client with a tiny receive buffer that reads the response head, then nothing.
+async fn stalled_viewer(server: std::net::SocketAddr, room: Uuid) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(server).await.unwrap();
+    let request = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", sse_path(room));
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 256];
+    let n = stalled.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    stalled
+}
+
+/// Publishes `range` in chunks of 40, each once the healthy viewer has received the
+/// one before, in order. Paced by the viewer rather than by time, so every frame is
+/// small and the number of frames grows with the data on any machine.
+async fn publish_in_step(
+    conn: &mut redis::aio::MultiplexedConnection,
+    room: Uuid,
+    healthy: &mut Subscriber,
+    range: std::ops::Range<usize>,
+) {
+    for chunk in range.collect::<Vec<_>>().chunks(40) {
+        let mut pipe = redis::pipe();
+        for &i in chunk {
+            pipe.publish(room.to_string(), big_payload(i)).ignore();
+        }
+        pipe.query_async::<()>(conn).await.unwrap();
+        let got = healthy.messages(chunk.len()).await;
+        let expected: Vec<String> = chunk.iter().map(|&i| big_payload(i)).collect();
+        assert_eq!(
+            got, expected,
+            "the healthy viewer gets everything, in order"
+        );
+    }
+}
+
+/// What a stalled viewer pins is bounded by the session's shared ring and replay
+/// buffer, not by what flows past it: after a first half of the traffic has filled
+/// them, a second half as large adds less than half its size to the server's memory
+/// (holding it for the stalled viewer would add all of it). The stall guard is set
+/// far beyond the test so that the viewer stays attached throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_viewer_that_stops_reading_is_dropped_without_hurting_the_others() {
-    const MESSAGES: usize = 20_000;
+async fn a_stalled_viewer_pins_a_bounded_amount_of_memory() {
+    const HALF: usize = 10_000;
     let redis = RedisServer::start().await;
     let server = ServerProcess::spawn(&[
         ("REDIS_URL", &redis.url()),
-        ("SLOW_CLIENT_TIMEOUT_MS", "3000"),
+        ("TICK_MS", "5"),
+        ("SLOW_CLIENT_TIMEOUT_MS", "3600000"),
         ("SUBSCRIBER_BUFFER", "64"),
         ("REPLAY_BYTES", "1048576"),
     ])
     .await;
     let room = Uuid::new_v4();
     let mut healthy = Subscriber::connect(&server.url(&sse_path(room)), None).await;
+    let _stalled = stalled_viewer(server.addr(), room).await;
+    let mut conn = redis.conn().await;
 
-    // A client with a tiny receive buffer that reads the headers, then nothing.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = socket.connect(server.addr()).await.unwrap();
-    let request = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", sse_path(room));
-    stalled.write_all(request.as_bytes()).await.unwrap();
-    let mut head = vec![0u8; 256];
-    let n = stalled.read(&mut head).await.unwrap();
-    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
-
-    let rss_before = rss_kib(server.pid());
-    fn payload(i: usize) -> String {
-        format!(r#"{{"id":"p1","seq":{i},"message":"{}"}}"#, "x".repeat(900))
-    }
-    let publisher = {
-        let url = redis.url();
-        tokio::spawn(async move {
-            let mut conn = redis_conn(&url).await;
-            for chunk in (0..MESSAGES).collect::<Vec<_>>().chunks(200) {
-                let mut pipe = redis::pipe();
-                for &i in chunk {
-                    pipe.publish(room.to_string(), payload(i)).ignore();
-                }
-                pipe.query_async::<()>(&mut conn).await.unwrap();
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
-    let received = healthy.messages(MESSAGES).await;
-    publisher.await.unwrap();
+    publish_in_step(&mut conn, room, &mut healthy, 0..HALF).await;
+    let filled = rss_kib(server.pid());
+    publish_in_step(&mut conn, room, &mut healthy, HALF..2 * HALF).await;
+    let grown_kib = rss_kib(server.pid()).saturating_sub(filled);
+    let half_kib = HALF * BIG_PAYLOAD_BYTES / 1024;
     assert!(
-        received.iter().enumerate().all(|(i, m)| *m == payload(i)),
-        "the healthy viewer got everything, in order"
+        (grown_kib as usize) < half_kib / 2,
+        "RSS grew by {grown_kib} KiB while a further {half_kib} KiB flowed past a stalled viewer"
     );
-    let grown_kib = rss_kib(server.pid()).saturating_sub(rss_before);
-    assert!(
-        grown_kib < 24 * 1024,
-        "RSS grew by {grown_kib} KiB while {} MiB flowed past a stalled viewer",
-        MESSAGES * 950 / (1 << 20)
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await;
+    let metrics = crate::common::parse_metrics(&text.unwrap());
+    assert_eq!(
+        metrics["chat_sync_connections"], 2.0,
+        "the stalled viewer was attached the whole time"
     );
+}
 
-    // The server cuts the stalled viewer by itself (reading its socket first would
-    // unstall it)...
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_that_stops_reading_is_dropped_without_hurting_the_others() {
+    /// Stops the test if the guard never fires: 50 MiB, far beyond any socket buffer.
+    const MAX_MESSAGES: usize = 50 * 1024 * 1024 / BIG_PAYLOAD_BYTES;
+    let redis = RedisServer::start().await;
+    let server = ServerProcess::spawn(&[
+        ("REDIS_URL", &redis.url()),
+        ("TICK_MS", "5"),
+        ("SLOW_CLIENT_TIMEOUT_MS", "1000"),
+        ("SUBSCRIBER_BUFFER", "64"),
+    ])
+    .await;
+    let room = Uuid::new_v4();
+    let mut healthy = Subscriber::connect(&server.url(&sse_path(room)), None).await;
+    let mut stalled = stalled_viewer(server.addr(), room).await;
     let metric = |name: &'static str| {
         let url = server.url("/metrics");
         async move {
@@ -207,12 +244,20 @@ async fn a_viewer_that_stops_reading_is_dropped_without_hurting_the_others() {
             crate::common::parse_metrics(&text)[name]
         }
     };
-    wait_until("the stalled viewer is disconnected", || async {
-        metric("chat_sync_connections").await == 1.0
-    })
-    .await;
+
+    // Traffic flows (and the healthy viewer keeps up with all of it) until the server
+    // cuts the stalled viewer by itself; reading its socket first would unstall it.
+    let mut conn = redis.conn().await;
+    let mut sent = 0;
+    while metric("chat_sync_connections").await > 1.0 {
+        assert!(sent < MAX_MESSAGES, "the stalled viewer was never cut");
+        publish_in_step(&mut conn, room, &mut healthy, sent..sent + 400).await;
+        sent += 400;
+    }
     assert!(metric("chat_sync_slow_subscribers_dropped_total").await >= 1.0);
-    // ...and draining its socket then reaches the end.
+    // The healthy viewer is unaffected and still live.
+    publish_in_step(&mut conn, room, &mut healthy, sent..sent + 40).await;
+    // Draining the stalled socket now reaches the end of a cut-off stream.
     let drained = tokio::time::timeout(WAIT, async {
         let mut buf = vec![0u8; 1 << 16];
         let mut total = 0usize;
@@ -226,7 +271,7 @@ async fn a_viewer_that_stops_reading_is_dropped_without_hurting_the_others() {
     .await
     .expect("the server closed the stalled connection");
     assert!(
-        drained < MESSAGES * 950,
+        drained < sent * BIG_PAYLOAD_BYTES,
         "it was cut off, not fed everything ({drained} bytes)"
     );
 }
@@ -239,6 +284,8 @@ async fn limits_answer_503_with_retry_after() {
             ("MAX_CONNECTIONS", "4"),
             ("MAX_CONNECTIONS_PER_SESSION", "2"),
             ("MAX_SESSIONS", "2"),
+            // Far beyond the test: a session stays in its grace period throughout.
+            ("SESSION_GRACE_MS", "3600000"),
         ],
     )
     .await;
@@ -285,9 +332,11 @@ async fn limits_answer_503_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_sessions_answer_204_until_the_ttl_passes() {
-    let app = TestApp::spawn(None, &[("ENDED_SESSION_TTL_MS", "400")]).await;
+    const TTL: Duration = Duration::from_millis(2000);
+    let app = TestApp::spawn(None, &[("ENDED_SESSION_TTL_MS", "2000")]).await;
     let room = Uuid::new_v4();
     let mut viewer = app.connect(room).await;
+    let ending = std::time::Instant::now();
     assert_eq!(
         app.post(&format!("/api/v1/chats/{room}/end"), "")
             .await
@@ -295,7 +344,12 @@ async fn ended_sessions_answer_204_until_the_ttl_passes() {
         202
     );
     assert_eq!(viewer.next_event().await.unwrap().event, "end");
-    assert_eq!(app.get(&sse_path(room)).await.status(), 204);
+    let status = app.get(&sse_path(room)).await.status();
+    // A machine so slow that the TTL passed already cannot tell; it must not fail.
+    assert!(
+        status == 204 || ending.elapsed() >= TTL,
+        "{status} right after the end"
+    );
     wait_until("the session id can be used again", || async {
         app.get(&sse_path(room)).await.status() == 200
     })
@@ -336,9 +390,10 @@ async fn sigterm_ends_every_stream_and_exits_within_the_drain_time() {
     assert!(viewers.iter().all(|v| v.status == 200));
 
     server.terminate();
-    let (code, took) = server.wait_exit(Duration::from_secs(10)).await;
+    // Every stream closes at once, so the process exits well before the drain time
+    // would cut them; how fast is a machine's figure, not a property to assert.
+    let (code, _) = server.wait_exit(WAIT).await;
     assert_eq!(code, Some(0));
-    assert!(took < Duration::from_secs(4), "exited after {took:?}");
     for viewer in &mut viewers {
         let event = viewer.next_event().await.expect("a shutdown event");
         assert_eq!(event.event, "shutdown");
