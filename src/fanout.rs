@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::frame::{self, EventId};
 use crate::registry::Registry;
-use crate::session::{Frame, Session};
+use crate::session::{Frame, Outbox, Session};
 
 /// Where captured messages are counted (the billable usage). Called on the tick loop:
 /// implementations only record, they never wait.
@@ -93,11 +93,11 @@ impl Ticker {
     /// Captures and fans out one session; returns whether the session ended.
     fn capture(&self, session: &Session, now: Instant) -> bool {
         let mut outbox = session.outbox.lock().unwrap();
-        let (messages, end, gap) = {
+        let (messages, end, gaps) = {
             let mut inbox = session.inbox.lock().unwrap();
             // The end payload stays in the inbox so that later messages are refused.
             let end = inbox.end.clone().filter(|_| !outbox.closed);
-            if inbox.messages.is_empty() && end.is_none() && !inbox.gap {
+            if inbox.messages.is_empty() && end.is_none() && inbox.gaps.is_empty() {
                 drop(inbox);
                 if now.duration_since(outbox.last_sent) >= self.heartbeat {
                     outbox.last_sent = now;
@@ -108,12 +108,15 @@ impl Ticker {
                 }
                 return false;
             }
-            let gap = std::mem::take(&mut inbox.gap);
-            (std::mem::take(&mut inbox.messages), end, gap)
+            let gaps = std::mem::take(&mut inbox.gaps);
+            (std::mem::take(&mut inbox.messages), end, gaps)
         };
-        let metrics = &self.registry.metrics;
-        let receivers = outbox.tx.receiver_count() as u64;
-        if gap {
+        // Messages from before each broker outage, then the `reset` that marks it, then
+        // what arrived once Redis was back: the gap is shown exactly where it is.
+        let mut start = 0;
+        for &at in &gaps {
+            self.send_batch(&mut outbox, &messages[start..at]);
+            start = at;
             // Redis pub/sub keeps nothing while disconnected: say so, in order, and keep
             // the notice in the replay buffer for clients resuming across the gap.
             let seq = outbox.replay.head() + 1;
@@ -124,23 +127,8 @@ impl Ticker {
                 last: false,
             });
         }
+        self.send_batch(&mut outbox, &messages[start..]);
         if !messages.is_empty() {
-            let count = messages.len() as u64;
-            let seq = outbox.replay.head() + 1;
-            let batch = frame::batch(self.id(seq), &messages);
-            outbox.replay.push(batch.clone());
-            metrics.batches.inc();
-            metrics.batch_size.observe(count as f64);
-            metrics.usage_captured.inc_by(count);
-            metrics.messages_delivered.inc_by(count * receivers);
-            metrics.events_delivered.inc_by(receivers);
-            metrics
-                .bytes_delivered
-                .inc_by(batch.len() as u64 * receivers);
-            let _ = outbox.tx.send(Frame {
-                bytes: batch,
-                last: false,
-            });
             self.usage.captured(session.id, &messages);
         }
         outbox.last_sent = now;
@@ -151,6 +139,32 @@ impl Ticker {
             last: true,
         });
         true
+    }
+
+    /// Frames `messages` (if any) once, records the batch for resume and hands it to
+    /// every subscriber.
+    fn send_batch(&self, outbox: &mut Outbox, messages: &[Bytes]) {
+        if messages.is_empty() {
+            return;
+        }
+        let metrics = &self.registry.metrics;
+        let receivers = outbox.tx.receiver_count() as u64;
+        let count = messages.len() as u64;
+        let seq = outbox.replay.head() + 1;
+        let batch = frame::batch(self.id(seq), messages);
+        outbox.replay.push(batch.clone());
+        metrics.batches.inc();
+        metrics.batch_size.observe(count as f64);
+        metrics.usage_captured.inc_by(count);
+        metrics.messages_delivered.inc_by(count * receivers);
+        metrics.events_delivered.inc_by(receivers);
+        metrics
+            .bytes_delivered
+            .inc_by(batch.len() as u64 * receivers);
+        let _ = outbox.tx.send(Frame {
+            bytes: batch,
+            last: false,
+        });
     }
 
     fn id(&self, seq: u64) -> EventId {

@@ -30,8 +30,25 @@ pub struct Inbox {
     pub messages: Vec<Bytes>,
     /// The `{sessionId}_END` payload, once it arrived; later messages are dropped.
     pub end: Option<Bytes>,
-    /// The broker connection was lost since the last capture: subscribers must be told.
-    pub gap: bool,
+    /// Where the broker connection was lost, as positions in `messages`: the messages
+    /// before a position arrived before the loss, those after it once Redis was back.
+    /// Subscribers are told (`reset`) exactly there, so a gap is never marked ahead of
+    /// messages that preceded it.
+    pub gaps: Vec<usize>,
+}
+
+impl Inbox {
+    /// Marks a lost broker connection after the messages received so far.
+    pub fn mark_gap(&mut self) {
+        let at = self.messages.len();
+        if self.gaps.last() != Some(&at) {
+            self.gaps.push(at);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.end.is_none() && self.gaps.is_empty()
+    }
 }
 
 /// What has been sent, under one lock so that capture, fan-out, end and a new
@@ -111,7 +128,7 @@ impl Sessions {
             BrokerEvent::Disconnected => {
                 self.metrics.broker_disconnects.inc();
                 for session in self.map.iter() {
-                    session.inbox.lock().unwrap().gap = true;
+                    session.inbox.lock().unwrap().mark_gap();
                 }
             }
         }

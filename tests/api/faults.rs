@@ -12,13 +12,20 @@ use crate::common::{
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restart_resumes_delivery_on_open_streams() {
+async fn redis_restart_resumes_delivery_and_marks_the_gap_where_it_is() {
     let mut redis = RedisServer::start().await;
-    let app = TestApp::spawn(Some(&redis), &[]).await;
+    // A long tick, so that the messages received before the outage and the outage
+    // itself usually fall into one capture: the reset must still come after them.
+    let app = TestApp::spawn(Some(&redis), &[("TICK_MS", "1000")]).await;
     let room = Uuid::new_v4();
     let mut viewer = app.connect(room).await;
-    redis.publish(&room.to_string(), &chat("p1", 0)).await;
-    assert_eq!(viewer.messages(1).await, vec![chat("p1", 0)]);
+    for i in 0..5 {
+        redis.publish(&room.to_string(), &chat("p1", i)).await;
+    }
+    wait_until("the server received them", || async {
+        app.metric("chat_sync_messages_received_total").await == 5.0
+    })
+    .await;
 
     redis.kill();
     wait_until("/readyz reports the broker down", || async {
@@ -34,23 +41,31 @@ async fn redis_restart_resumes_delivery_on_open_streams() {
         redis.numsub(&room.to_string()).await == 1
     })
     .await;
+    for i in 5..10 {
+        redis.publish(&room.to_string(), &chat("p1", i)).await;
+    }
 
-    redis.publish(&room.to_string(), &chat("p1", 1)).await;
-    let mut saw_reset = false;
-    loop {
+    let (mut before, mut after, mut resets) = (Vec::new(), Vec::new(), 0);
+    while after.len() < 5 {
         let event = viewer.next_event().await.expect("the stream stayed open");
         match event.event.as_str() {
-            "reset" => saw_reset = true,
-            "message" => {
-                assert_eq!(batch(&event), vec![chat("p1", 1)]);
-                break;
-            }
+            "reset" => resets += 1,
+            "message" if resets == 0 => before.extend(batch(&event)),
+            "message" => after.extend(batch(&event)),
             other => panic!("unexpected {other} event"),
         }
     }
-    assert!(
-        saw_reset,
-        "viewers are told that messages during the outage are lost"
+    let expected = |r: std::ops::Range<usize>| r.map(|i| chat("p1", i)).collect::<Vec<_>>();
+    assert_eq!(
+        before,
+        expected(0..5),
+        "what arrived before the outage comes first"
+    );
+    assert_eq!(resets, 1, "then one reset marks the outage");
+    assert_eq!(
+        after,
+        expected(5..10),
+        "then what arrived once Redis was back"
     );
     assert!(app.metric("chat_sync_broker_disconnects_total").await >= 1.0);
 }
