@@ -83,15 +83,17 @@ impl Ticker {
     /// Captures and fans out one session, and frees it if it ended; returns whether it
     /// did.
     fn settle(&self, session: &Arc<Session>, now: Instant) -> bool {
-        let ended = self.capture(session, now);
-        if ended {
-            self.registry.finish(session);
+        match self.capture(session, now) {
+            Some(end) => {
+                self.registry.finish(session, end);
+                true
+            }
+            None => false,
         }
-        ended
     }
 
-    /// Captures and fans out one session; returns whether the session ended.
-    fn capture(&self, session: &Session, now: Instant) -> bool {
+    /// Captures and fans out one session; returns the end payload if the session ended.
+    fn capture(&self, session: &Session, now: Instant) -> Option<Bytes> {
         let mut outbox = session.outbox.lock().unwrap();
         let (messages, end, gaps) = {
             let mut inbox = session.inbox.lock().unwrap();
@@ -106,7 +108,7 @@ impl Ticker {
                         last: false,
                     });
                 }
-                return false;
+                return None;
             }
             let gaps = std::mem::take(&mut inbox.gaps);
             (std::mem::take(&mut inbox.messages), end, gaps)
@@ -132,13 +134,13 @@ impl Ticker {
             self.usage.captured(session.id, &messages);
         }
         outbox.last_sent = now;
-        let Some(end) = end else { return false };
+        let end = end?;
         outbox.closed = true;
         let _ = outbox.tx.send(Frame {
             bytes: frame::end(&end),
             last: true,
         });
-        true
+        Some(end)
     }
 
     /// Frames `messages` (if any) once, records the batch for resume and hands it to

@@ -179,6 +179,13 @@ impl Registry {
         if self.has_ended(id) {
             return Err(AttachError::Ended);
         }
+        // A session this instance does not serve yet may have ended on another one:
+        // answer as that one would, without subscribing to a dead session.
+        if !self.sessions.map.contains_key(&id)
+            && matches!(self.broker.ended(id).await, Ok(Some(_)))
+        {
+            return Err(AttachError::Ended);
+        }
         if self.connections.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(AttachError::TooManyConnections);
@@ -196,9 +203,17 @@ impl Registry {
             registry: self.clone(),
             session: session.clone(),
         };
+        let subscribing = session.subscribed.peek().is_none();
         if let Err(e) = session.subscribed.clone().await {
             self.forget_if_unwatched(&session);
             return Err(e.into());
+        }
+        if subscribing {
+            // The end may have been published between the check above and the
+            // subscription: then it is delivered as if it had arrived here.
+            if let Ok(Some(end)) = self.broker.ended(id).await {
+                session.inbox.lock().unwrap().end.get_or_insert(end);
+            }
         }
         let outbox = session.outbox.lock().unwrap();
         if outbox.closed {
@@ -302,9 +317,12 @@ impl Registry {
         }
     }
 
-    /// Frees a session that ended: later connects get `204` until the TTL passes.
-    pub fn finish(&self, session: &Arc<Session>) {
+    /// Frees a session that ended: later connects get `204` until the TTL passes, on
+    /// this instance and (through the broker) on every other one.
+    pub fn finish(&self, session: &Arc<Session>, end: Bytes) {
         self.ended.insert(session.id, Instant::now());
+        self.broker
+            .record_end(session.id, end, self.limits.ended_ttl);
         self.remove(session, false);
     }
 

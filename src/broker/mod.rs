@@ -102,6 +102,24 @@ impl Broker {
         }
     }
 
+    /// Tells every instance that the session ended: connects to it on an instance
+    /// that was not watching it get `204` too, for `ttl`, without subscribing. Does
+    /// not block; the in-process broker has no other instance to tell.
+    pub fn record_end(&self, session: Uuid, payload: Bytes, ttl: Duration) {
+        if let Self::Redis(b) = self {
+            b.record_end(session, payload, ttl);
+        }
+    }
+
+    /// The end payload of a session that another instance saw end, if it did within
+    /// its ended-session TTL.
+    pub async fn ended(&self, session: Uuid) -> Result<Option<Bytes>, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(None),
+            Self::Redis(b) => b.ended(session).await,
+        }
+    }
+
     /// Publishes a payload; returns how many subscribers (instances) received it.
     pub async fn publish(&self, channel: String, payload: Bytes) -> Result<usize, BrokerError> {
         match self {

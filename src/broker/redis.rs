@@ -33,6 +33,14 @@ pub struct RedisBroker {
     commands: mpsc::UnboundedSender<Command>,
     manager: ConnectionManager,
     connected: Arc<AtomicBool>,
+    /// Runs the fire-and-forget writes (ended sessions), tracked for shutdown.
+    tasks: TaskTracker,
+}
+
+/// Where an ended session's end payload is kept for the other instances; the hash tag
+/// keeps it in the session's slot on a cluster.
+fn ended_key(session: Uuid) -> String {
+    format!("chat-sync:ended:{{{session}}}")
 }
 
 impl RedisBroker {
@@ -68,7 +76,36 @@ impl RedisBroker {
             commands,
             manager,
             connected,
+            tasks: tasks.clone(),
         })
+    }
+
+    pub fn record_end(&self, session: Uuid, payload: Bytes, ttl: Duration) {
+        if ttl.is_zero() {
+            return;
+        }
+        let mut conn = self.manager.clone();
+        self.tasks.spawn(async move {
+            let mut set = redis::cmd("SET");
+            set.arg(ended_key(session))
+                .arg(payload.as_ref())
+                .arg("PX")
+                .arg(ttl.as_millis() as u64);
+            if let Err(e) = with_timeout(set.query_async::<()>(&mut conn)).await {
+                tracing::warn!(%session, error = %e, "could not record the end for other instances");
+            }
+        });
+    }
+
+    pub async fn ended(&self, session: Uuid) -> Result<Option<Bytes>, BrokerError> {
+        if !self.is_connected() {
+            return Err(BrokerError::Unavailable);
+        }
+        let mut conn = self.manager.clone();
+        let mut get = redis::cmd("GET");
+        get.arg(ended_key(session));
+        let value: Option<Vec<u8>> = with_timeout(get.query_async(&mut conn)).await?;
+        Ok(value.map(Bytes::from))
     }
 
     pub fn subscribe(&self, session: Uuid) -> SubscribeAck {

@@ -103,3 +103,39 @@ async fn concurrent_first_connects_subscribe_once() {
         assert_eq!(viewer.messages(1).await, vec![chat("p1", 1)]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_seen_on_one_instance_holds_on_every_instance() {
+    let redis = RedisServer::start().await;
+    let a = TestApp::spawn(Some(&redis), &[("INSTANCE_ID", "a")]).await;
+    let b = TestApp::spawn(Some(&redis), &[("INSTANCE_ID", "b")]).await;
+    let room = Uuid::new_v4();
+    let mut on_a = a.connect(room).await;
+    redis.publish(&format!("{room}_END"), r#"{"id":"x"}"#).await;
+    assert_eq!(on_a.next_event().await.unwrap().event, "end");
+    wait_until("a has freed the ended session", || async {
+        redis.numsub(&room.to_string()).await == 0
+    })
+    .await;
+
+    // b never watched the session, yet answers as a does: 204, or, for a connect
+    // racing with a's note of the end, a stream that ends at once with the same `end`.
+    let mut first = b.connect(room).await;
+    if first.status == 200 {
+        let event = first.next_event().await.expect("an end event");
+        assert_eq!(
+            (event.event.as_str(), event.data.as_str()),
+            ("end", r#"{"id":"x"}"#)
+        );
+    } else {
+        assert_eq!(first.status, 204);
+    }
+    assert_eq!(b.connect(room).await.status, 204);
+    assert_eq!(a.connect(room).await.status, 204);
+    wait_until("no instance keeps a session or a subscription", || async {
+        b.ready_field("sessions").await == 0
+            && redis.numsub(&room.to_string()).await == 0
+            && redis.numsub(&format!("{room}_END")).await == 0
+    })
+    .await;
+}
