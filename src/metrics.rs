@@ -41,6 +41,8 @@ pub struct Metrics {
     pub billing_requests: Family<Outcome, Counter>,
     pub billing_pending: Gauge,
     pub billing_flushes: Counter,
+    pub billing_dropped: Counter,
+    pub billing_store_resets: Counter,
 }
 
 impl Default for Metrics {
@@ -71,6 +73,8 @@ impl Metrics {
             billing_requests: Family::default(),
             billing_pending: Gauge::default(),
             billing_flushes: Counter::default(),
+            billing_dropped: Counter::default(),
+            billing_store_resets: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -149,8 +153,18 @@ impl Metrics {
         );
         r.register(
             "billing_flushes",
-            "Usage flushes completed, whether or not they had anything to send",
+            "Usage report rounds completed, whether or not they had anything to send",
             m.billing_flushes.clone(),
+        );
+        r.register(
+            "billing_dropped",
+            "Captured messages dropped unbilled because the usage store was unreachable too long",
+            m.billing_dropped.clone(),
+        );
+        r.register(
+            "billing_store_resets",
+            "Times the usage store in Redis was found to have lost its state (restart without persistence)",
+            m.billing_store_resets.clone(),
         );
         // Every known label value starts at 0, so dashboards and rate() see the series
         // before the first event (an empty family is not exposed at all).

@@ -1,128 +1,110 @@
-//! One session's usage on this instance: the messages captured here, as fingerprints,
-//! and how far they have been billed. Pure bookkeeping, no I/O.
+//! One session's usage on this instance: the messages captured here that the usage
+//! store has not counted yet, as fingerprints, and where its reports stand. Pure
+//! bookkeeping, no I/O.
 //!
-//! Every instance subscribed to a session receives the same messages in the same order
-//! (Redis pub/sub keeps per-channel order), so a fingerprint of a message *and the three
-//! before it* names the same position on every instance. The instance holding the
-//! session's billing lease reports its unbilled count and records the fingerprint of
-//! the last message billed (the cursor). An instance that takes the lease over finds
-//! that cursor in its own recent log and bills exactly what follows it.
+//! Every instance subscribed to a session receives the same payloads, so a fingerprint
+//! derived from the payload names the same message on every instance. The store counts
+//! each fingerprint once, whichever instance (or how many) reports it: a message that
+//! reached only one instance (another was still resubscribing after a Redis restart)
+//! is counted, and one that reached all of them is counted once. Identical payloads
+//! are told apart by their occurrence: the n-th copy of a payload within the window
+//! has its own fingerprint on every instance that saw all n.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use twox_hash::XxHash3_64;
 
-/// Fingerprints kept per session at most; beyond this the oldest are forgotten (a
-/// holder still counts them: counts derive from indices, not from the log's length).
-const LOG_CAP: usize = 65_536;
+/// Fingerprints kept per session while the store cannot be reached; beyond this the
+/// oldest are dropped (and counted in metrics). Redis pub/sub delivers nothing while
+/// Redis is down, so only a store that refuses writes for long can fill it.
+pub const MAX_UNACCOUNTED: usize = 65_536;
 
 #[derive(Debug, Default)]
 pub struct Ledger {
-    /// Recent fingerprints with their capture time; `log[0]` has index `base`.
-    log: VecDeque<(u64, Instant)>,
-    base: u64,
-    /// Holder only: every message with an index below this has been billed.
-    billed_to: u64,
-    /// Whether this instance held the lease at the last flush (and so `billed_to` is
-    /// meaningful).
-    pub holder: bool,
-    /// Hashes of the last three payloads, chained into each fingerprint.
-    recent: [u64; 3],
-    /// The session was freed on this instance: settle, release the lease, forget it.
+    /// Captured here, not yet counted by the store; oldest first.
+    unaccounted: VecDeque<u64>,
+    /// How often each payload hash arrived within the window, and the arrivals in
+    /// order, so that they can be forgotten once older than the window.
+    occurrences: HashMap<u64, u32>,
+    arrivals: VecDeque<(u64, Instant)>,
+    /// The tenant accepted a report of this many, but the store has not yet recorded
+    /// it as settled: record that before taking anything else for this session.
+    pub unacked: Option<u64>,
+    /// Taken and refused by the tenant (given back to the store): shown as pending.
+    pub refused: u64,
+    /// Something may be waiting in the store for this session: take it next round.
+    pub dirty: bool,
+    /// The session was freed here: forget it once nothing is left to settle.
     pub closed: bool,
 }
 
-/// A count to report, and what settling it means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Report {
-    pub count: u64,
-    /// Index just past the last message reported.
-    end: u64,
-    /// Fingerprint of the last message reported: the next holder's starting point.
-    pub cursor: Option<u64>,
-}
-
 impl Ledger {
-    /// Index just past the newest message captured here.
-    fn end(&self) -> u64 {
-        self.base + self.log.len() as u64
+    /// For usage of a session not served here (left by an instance that is gone).
+    pub fn orphan() -> Self {
+        Self {
+            closed: true,
+            ..Self::default()
+        }
     }
 
-    pub fn record(&mut self, payloads: &[Bytes], now: Instant) {
+    /// Fingerprints `payloads`, captured at `now`, for the store to count.
+    /// Returns how many older fingerprints had to be dropped to stay bounded.
+    pub fn record(&mut self, payloads: &[Bytes], now: Instant, window: Duration) -> u64 {
+        self.forget_before(now, window);
+        let mut dropped = 0;
         for payload in payloads {
             let hash = XxHash3_64::oneshot(payload);
-            let mut chained = [0u8; 32];
-            for (i, h) in self.recent.iter().chain([&hash]).enumerate() {
-                chained[i * 8..i * 8 + 8].copy_from_slice(&h.to_le_bytes());
+            let occurrence = self.occurrences.entry(hash).or_insert(0);
+            let mut key = [0u8; 12];
+            key[..8].copy_from_slice(&hash.to_le_bytes());
+            key[8..].copy_from_slice(&occurrence.to_le_bytes());
+            *occurrence += 1;
+            self.arrivals.push_back((hash, now));
+            self.unaccounted.push_back(XxHash3_64::oneshot(&key));
+            if self.unaccounted.len() > MAX_UNACCOUNTED {
+                self.unaccounted.pop_front();
+                dropped += 1;
             }
-            self.recent = [self.recent[1], self.recent[2], hash];
-            self.log.push_back((XxHash3_64::oneshot(&chained), now));
-            if self.log.len() > LOG_CAP {
-                self.pop_front();
+        }
+        dropped
+    }
+
+    fn forget_before(&mut self, now: Instant, window: Duration) {
+        while let Some(&(hash, at)) = self.arrivals.front() {
+            if now.duration_since(at) < window {
+                break;
+            }
+            self.arrivals.pop_front();
+            if let Some(n) = self.occurrences.get_mut(&hash) {
+                *n -= 1;
+                if *n == 0 {
+                    self.occurrences.remove(&hash);
+                }
             }
         }
     }
 
-    fn pop_front(&mut self) {
-        self.log.pop_front();
-        self.base += 1;
+    /// The fingerprints the store has not counted yet, oldest first.
+    pub fn unaccounted(&self) -> Vec<u64> {
+        self.unaccounted.iter().copied().collect()
     }
 
-    /// Not the holder: nothing here is ours to bill, but recent fingerprints are kept
-    /// for `window` so that a takeover can find the cursor.
-    pub fn follow(&mut self, now: Instant, window: Duration) {
-        self.holder = false;
-        while self
-            .log
-            .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) > window)
-        {
-            self.pop_front();
-        }
+    /// The store counted the first `n` of [`Ledger::unaccounted`] (later captures
+    /// may have been appended meanwhile).
+    pub fn accounted(&mut self, n: usize) {
+        self.unaccounted.drain(..n.min(self.unaccounted.len()));
     }
 
-    /// Just acquired the lease: the previous holder billed everything up to `cursor`.
-    /// With no cursor (first holder), or one older than this log, all of it is ours.
-    pub fn take_over(&mut self, cursor: Option<u64>) {
-        self.holder = true;
-        self.billed_to = self.base;
-        if let Some(pos) = cursor.and_then(|c| self.log.iter().rposition(|(fp, _)| *fp == c)) {
-            self.billed_to = self.base + pos as u64 + 1;
-        }
-        self.drop_billed();
+    /// Captured here and not yet accepted by the tenant, as far as this instance knows.
+    pub fn pending(&self) -> u64 {
+        self.unaccounted.len() as u64 + self.refused + self.unacked.unwrap_or(0)
     }
 
-    /// What the holder should report now, if anything.
-    pub fn report(&self) -> Option<Report> {
-        let end = self.end();
-        (self.holder && end > self.billed_to).then(|| Report {
-            count: end - self.billed_to,
-            end,
-            cursor: self.log.back().map(|(fp, _)| *fp),
-        })
-    }
-
-    /// Unbilled messages (holder only).
-    pub fn unbilled(&self) -> u64 {
-        if self.holder {
-            self.end() - self.billed_to
-        } else {
-            0
-        }
-    }
-
-    /// The tenant accepted (or definitively refused) `report`.
-    pub fn settle(&mut self, report: Report) {
-        self.billed_to = self.billed_to.max(report.end);
-        self.drop_billed();
-    }
-
-    fn drop_billed(&mut self) {
-        while self.base < self.billed_to && !self.log.is_empty() {
-            self.pop_front();
-        }
+    /// Nothing left here to count, settle or take.
+    pub fn is_settled(&self) -> bool {
+        self.unaccounted.is_empty() && self.unacked.is_none() && !self.dirty
     }
 }
 
@@ -130,94 +112,74 @@ impl Ledger {
 mod tests {
     use super::*;
 
+    const WINDOW: Duration = Duration::from_secs(30);
+
     fn payloads(range: std::ops::Range<usize>) -> Vec<Bytes> {
         range.map(|i| Bytes::from(format!("m{i}"))).collect()
     }
 
     #[test]
-    fn holder_reports_each_message_once() {
-        let now = Instant::now();
-        let mut l = Ledger::default();
-        l.record(&payloads(0..5), now);
-        l.take_over(None);
-        let r = l.report().unwrap();
-        assert_eq!(r.count, 5);
-        l.record(&payloads(5..7), now);
-        l.settle(r);
-        assert_eq!(l.report().unwrap().count, 2);
-    }
-
-    #[test]
-    fn a_failed_report_is_reported_again_with_what_came_since() {
-        let now = Instant::now();
-        let mut l = Ledger::default();
-        l.take_over(None);
-        l.record(&payloads(0..3), now);
-        let first = l.report().unwrap();
-        l.record(&payloads(3..4), now);
-        assert_eq!(
-            l.report().unwrap().count,
-            4,
-            "the failed 3 plus the new one"
-        );
-        l.settle(first);
-        assert_eq!(l.report().unwrap().count, 1);
-    }
-
-    #[test]
-    fn takeover_bills_exactly_what_follows_the_cursor() {
-        let now = Instant::now();
-        let (mut a, mut b) = (Ledger::default(), Ledger::default());
-        a.record(&payloads(0..10), now);
-        b.record(&payloads(0..10), now);
-        a.take_over(None);
-        b.follow(now, Duration::from_secs(10));
-        let r = a.report().unwrap();
-        a.settle(r);
-        b.record(&payloads(10..14), now);
-        b.take_over(r.cursor);
-        assert_eq!(b.report().unwrap().count, 4);
-    }
-
-    #[test]
-    fn fingerprints_match_across_instances_that_joined_at_different_times() {
+    fn instances_that_joined_at_different_times_agree_on_fingerprints() {
         let now = Instant::now();
         let (mut early, mut late) = (Ledger::default(), Ledger::default());
-        early.record(&payloads(0..20), now);
-        late.record(&payloads(12..20), now);
-        early.take_over(None);
-        let r = early.report().unwrap();
-        early.settle(r);
-        late.record(&payloads(20..25), now);
-        late.take_over(r.cursor);
-        assert_eq!(late.report().unwrap().count, 5);
+        early.record(&payloads(0..20), now, WINDOW);
+        late.record(&payloads(12..20), now, WINDOW);
+        assert_eq!(early.unaccounted()[12..], late.unaccounted()[..]);
     }
 
     #[test]
-    fn repeated_payloads_are_counted_each_time() {
+    fn repeated_payloads_get_a_fingerprint_each() {
         let now = Instant::now();
         let mut l = Ledger::default();
-        l.take_over(None);
-        l.record(&vec![Bytes::from_static(b"+1"); 6], now);
-        assert_eq!(l.report().unwrap().count, 6);
+        l.record(&vec![Bytes::from_static(b"+1"); 6], now, WINDOW);
+        let mut fps = l.unaccounted();
+        fps.sort_unstable();
+        fps.dedup();
+        assert_eq!(fps.len(), 6);
     }
 
     #[test]
-    fn overflow_of_the_log_does_not_lose_a_holders_count() {
+    fn a_gap_on_one_instance_does_not_change_the_others_fingerprints() {
         let now = Instant::now();
-        let mut l = Ledger::default();
-        l.take_over(None);
-        l.record(&payloads(0..LOG_CAP + 10), now);
-        assert_eq!(l.report().unwrap().count, (LOG_CAP + 10) as u64);
+        let (mut a, mut b) = (Ledger::default(), Ledger::default());
+        a.record(&payloads(0..10), now, WINDOW);
+        b.record(&payloads(0..4), now, WINDOW);
+        b.record(&payloads(7..10), now, WINDOW);
+        let a = a.unaccounted();
+        let b = b.unaccounted();
+        assert_eq!(b[..4], a[..4]);
+        assert_eq!(b[4..], a[7..]);
     }
 
     #[test]
-    fn followers_forget_old_fingerprints() {
+    fn occurrences_are_forgotten_after_the_window() {
         let start = Instant::now();
         let mut l = Ledger::default();
-        l.record(&payloads(0..3), start);
-        l.follow(start + Duration::from_secs(11), Duration::from_secs(10));
-        assert_eq!(l.log.len(), 0);
-        assert_eq!(l.report(), None);
+        l.record(&[Bytes::from_static(b"+1")], start, WINDOW);
+        l.record(&[Bytes::from_static(b"+1")], start + WINDOW, WINDOW);
+        let fps = l.unaccounted();
+        assert_eq!(fps[0], fps[1], "the first copy is out of the window");
+        assert!(l.occurrences.len() == 1 && l.arrivals.len() == 1);
+    }
+
+    #[test]
+    fn accounting_drops_only_what_was_counted() {
+        let now = Instant::now();
+        let mut l = Ledger::default();
+        l.record(&payloads(0..3), now, WINDOW);
+        let sent = l.unaccounted();
+        l.record(&payloads(3..5), now, WINDOW);
+        l.accounted(sent.len());
+        assert_eq!(l.unaccounted().len(), 2);
+        assert_eq!(l.pending(), 2);
+    }
+
+    #[test]
+    fn the_unaccounted_buffer_is_bounded() {
+        let now = Instant::now();
+        let mut l = Ledger::default();
+        let dropped = l.record(&payloads(0..MAX_UNACCOUNTED + 10), now, WINDOW);
+        assert_eq!(dropped, 10);
+        assert_eq!(l.unaccounted().len(), MAX_UNACCOUNTED);
     }
 }

@@ -3,15 +3,18 @@
 //! (the original's endpoint and body).
 //!
 //! Unlike the original (one request per session per tick, lost on any error), counts
-//! accumulate and are flushed once per `BILLING_FLUSH_MS`, one request per session with
-//! something to report. A failed or timed-out request keeps its count for the next
-//! flush, with backoff; `404`/`410` means the tenant does not know the session, and
-//! that count is logged and dropped. The tick loop only appends to an in-memory ledger
-//! and never waits on the tenant. Several instances serving one session bill it once:
-//! see `ledger` and `lease`.
+//! accumulate and are reported once per `BILLING_FLUSH_MS`, one request per session
+//! with something to report. Every flush, what the ticker captured is counted into a
+//! store shared by all instances (`store`), which counts each message once however
+//! many instances received it (`ledger` names messages by their payload). Reports are
+//! taken from that store, so usage counted by an instance survives its death and a
+//! tenant outage: a failed or timed-out report goes back to the store and is retried
+//! with backoff, while counting goes on. `404`/`410` means the tenant does not know the
+//! session; that count is logged and dropped. The tick loop only appends to an
+//! in-memory ledger and never waits, on the store or on the tenant.
 
-mod lease;
 mod ledger;
+mod store;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,19 +28,22 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::fanout::Usage;
 use crate::metrics::{Metrics, Outcome};
-pub use lease::Lease;
-use ledger::{Ledger, Report};
+use ledger::Ledger;
+use store::UsageStore;
 
-/// Requests to the tenant in flight at once during a flush.
+/// Requests to the tenant in flight at once during a round.
 const CONCURRENCY: usize = 16;
-/// Longest pause between flushes while the tenant keeps failing.
+/// Longest pause between report rounds while the tenant keeps failing.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a fingerprint is remembered for deduplication: far longer than two
+/// instances can differ in when they count the same message (one flush each).
+const MIN_DEDUP_WINDOW: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
-    #[error("cannot set up the Redis lease connection: {0}")]
+    #[error("cannot set up the Redis usage store: {0}")]
     Redis(#[from] redis::RedisError),
 }
 
@@ -55,9 +61,9 @@ pub struct Billing {
     client: reqwest::Client,
     /// `{TENANT_BASE_URL}/api/v1/billings`; `None`: count in metrics, send nothing.
     endpoint: Option<String>,
-    lease: Lease,
+    store: UsageStore,
     flush: Duration,
-    /// How long a non-holder keeps fingerprints for a possible takeover.
+    /// How long fingerprints are remembered, here and in the store.
     window: Duration,
     metrics: Arc<Metrics>,
 }
@@ -69,10 +75,11 @@ impl Billing {
         metrics: Arc<Metrics>,
     ) -> Result<Self, BillingError> {
         let flush = config.billing_flush;
-        let ttl = flush * 3 + Duration::from_secs(1);
-        let lease = match &config.redis {
-            Some(info) => Lease::redis(info.clone(), owner, ttl)?,
-            None => Lease::Solo,
+        // Outlives a report in flight and a few missed refreshes.
+        let alive_ttl = flush * 3 + config.billing_timeout + Duration::from_secs(2);
+        let store = match &config.redis {
+            Some(info) => UsageStore::redis(info.clone(), owner, alive_ttl)?,
+            None => UsageStore::local(),
         };
         Ok(Self {
             ledgers: Mutex::new(HashMap::new()),
@@ -84,153 +91,209 @@ impl Billing {
                 .tenant_base_url
                 .as_ref()
                 .map(|base| format!("{base}/api/v1/billings")),
-            lease,
+            store,
             flush,
-            window: (ttl * 4).max(Duration::from_secs(10)),
+            window: (flush * 10).max(MIN_DEDUP_WINDOW),
             metrics,
         })
     }
 
-    /// Flushes every `BILLING_FLUSH_MS`, backing off while the tenant fails.
+    /// Every `BILLING_FLUSH_MS`: counts what was captured into the store, then, unless
+    /// a round is still running or the tenant is in backoff, reports what is pending.
+    /// Counting never waits for the tenant, so a tenant outage costs retries, not
+    /// counts, and an instance that dies during one leaves its usage in the store.
     pub async fn run(self: Arc<Self>, token: CancellationToken) {
         if self.endpoint.is_none() {
             return;
         }
-        let mut delay = self.flush;
+        let mut interval = tokio::time::interval(self.flush);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut round: Option<tokio::task::JoinHandle<bool>> = None;
+        let (mut next_round, mut backoff) = (Instant::now(), self.flush);
         loop {
             tokio::select! {
                 _ = token.cancelled() => break,
-                _ = tokio::time::sleep(delay) => {}
+                _ = interval.tick() => {}
             }
-            delay = if self.flush_once().await {
-                self.flush
-            } else {
-                (delay * 2).min(MAX_BACKOFF)
-            };
-            self.metrics.billing_flushes.inc();
+            self.account().await;
+            if let Some(done) = round.take_if(|r| r.is_finished()) {
+                self.metrics.billing_flushes.inc();
+                if done.await.unwrap_or(false) {
+                    backoff = self.flush;
+                    next_round = Instant::now();
+                } else {
+                    next_round = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            if round.is_none() && Instant::now() >= next_round {
+                round = Some(tokio::spawn(self.clone().report()));
+            }
+        }
+        if let Some(round) = round {
+            let _ = round.await;
         }
         tracing::debug!("billing loop stopped");
     }
 
-    /// The last flush at shutdown: everything is settled and every lease released, so
-    /// another instance can take over at once.
-    pub async fn shutdown(&self) {
+    /// The last round at shutdown: everything captured is counted and reported. What
+    /// the tenant does not accept now stays in the store (with Redis) for another
+    /// instance, or this one's next start, to report.
+    pub async fn shutdown(self: &Arc<Self>) {
         if self.endpoint.is_none() {
             return;
         }
         for ledger in self.ledgers.lock().unwrap().values_mut() {
             ledger.closed = true;
         }
-        if !self.flush_once().await {
+        self.account().await;
+        if !self.clone().report().await {
             tracing::warn!(
                 pending = self.metrics.billing_pending.get(),
-                "usage left unbilled at shutdown"
+                "usage left unreported at shutdown"
             );
         }
     }
 
-    /// One flush over every session; false if anything must be retried.
-    pub async fn flush_once(&self) -> bool {
+    /// Counts every session's new fingerprints into the store.
+    async fn account(&self) {
+        let batches: Vec<(Uuid, Vec<u64>)> = {
+            let ledgers = self.ledgers.lock().unwrap();
+            ledgers
+                .iter()
+                .map(|(s, l)| (*s, l.unaccounted()))
+                .filter(|(_, fps)| !fps.is_empty())
+                .collect()
+        };
+        match self.store.account(&batches, self.window).await {
+            Ok(accounted) => {
+                if accounted.store_reset {
+                    tracing::error!(
+                        "the usage store lost its state (Redis restarted without persistence): \
+                         usage it held unreported is lost; run Redis with appendonly yes"
+                    );
+                    self.metrics.billing_store_resets.inc();
+                }
+                let mut ledgers = self.ledgers.lock().unwrap();
+                for ((session, fps), added) in batches.iter().zip(accounted.added) {
+                    if let Some(ledger) = ledgers.get_mut(session) {
+                        ledger.accounted(fps.len());
+                        ledger.dirty |= added > 0;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "usage store unavailable; counting later"),
+        }
+        self.update_pending();
+    }
+
+    /// One round of reports: settles answers not yet recorded, takes what is pending
+    /// for this instance's sessions (and some left by others), reports each to the
+    /// tenant and records the answers. False if anything must be retried.
+    async fn report(self: Arc<Self>) -> bool {
         let Some(endpoint) = &self.endpoint else {
             return true;
         };
-        let sessions: Vec<Uuid> = self.ledgers.lock().unwrap().keys().copied().collect();
-        if sessions.is_empty() {
-            return true;
-        }
-        let held = match self.lease.acquire(&sessions).await {
-            Ok(held) => held,
-            Err(e) => {
-                tracing::warn!(error = %e, "billing lease unavailable; retrying");
-                return false;
-            }
-        };
-        let taking_over: Vec<Uuid> = {
+        let unacked: Vec<Uuid> = {
             let ledgers = self.ledgers.lock().unwrap();
-            sessions
+            ledgers
                 .iter()
-                .zip(&held)
-                .filter(|(s, held)| **held && ledgers.get(s).is_some_and(|l| !l.holder))
+                .filter(|(_, l)| l.unacked.is_some())
                 .map(|(s, _)| *s)
                 .collect()
         };
-        let cursors = match self.lease.cursors(&taking_over).await {
-            Ok(c) => c,
+        if let Err(e) = self.store.settle(&unacked).await {
+            tracing::warn!(error = %e, "usage store unavailable; settling later");
+            return false;
+        }
+        let mut sessions: Vec<Uuid> = {
+            let mut ledgers = self.ledgers.lock().unwrap();
+            for s in &unacked {
+                if let Some(l) = ledgers.get_mut(s) {
+                    l.unacked = None;
+                }
+            }
+            ledgers
+                .iter()
+                .filter(|(_, l)| l.dirty)
+                .map(|(s, _)| *s)
+                .collect()
+        };
+        match self.store.unsettled_sample().await {
+            Ok(more) => {
+                for s in more {
+                    if !sessions.contains(&s) {
+                        sessions.push(s);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list unsettled usage"),
+        }
+        let taken = match self.store.take(&sessions).await {
+            Ok(taken) => taken,
             Err(e) => {
-                tracing::warn!(error = %e, "billing cursors unavailable; retrying");
+                tracing::warn!(error = %e, "usage store unavailable; reporting later");
                 return false;
             }
         };
-        let cursors: HashMap<Uuid, Option<u64>> = taking_over.into_iter().zip(cursors).collect();
-
-        let now = Instant::now();
-        let mut reports = Vec::new();
-        let mut released = Vec::new();
-        {
-            let mut ledgers = self.ledgers.lock().unwrap();
-            for (session, held) in sessions.iter().zip(held) {
-                let Some(ledger) = ledgers.get_mut(session) else {
-                    continue;
+        let reports: Vec<(Uuid, u64)> = sessions.into_iter().zip(taken).collect();
+        let this = &self;
+        let answers: Vec<(Uuid, u64, Answer)> = futures::stream::iter(reports)
+            .map(|(session, count)| async move {
+                let answer = if count == 0 {
+                    Answer::Accepted
+                } else {
+                    this.send(endpoint, session, count).await
                 };
-                if !held {
-                    ledger.follow(now, self.window);
-                } else if let Some(cursor) = cursors.get(session) {
-                    ledger.take_over(*cursor);
-                }
-                match ledger.report() {
-                    Some(report) => reports.push((*session, report)),
-                    None if ledger.closed => {
-                        if ledger.holder {
-                            released.push(*session);
-                        }
-                        ledgers.remove(session);
-                    }
-                    None => {}
-                }
-            }
-        }
-
-        let answers: Vec<(Uuid, Report, Answer)> = futures::stream::iter(reports)
-            .map(|(session, report)| async move {
-                (
-                    session,
-                    report,
-                    self.send(endpoint, session, report.count).await,
-                )
+                (session, count, answer)
             })
             .buffer_unordered(CONCURRENCY)
             .collect()
             .await;
-
-        let mut cursors = Vec::new();
-        let mut all_ok = true;
+        let answered: Vec<Uuid> = answers
+            .iter()
+            .filter(|(_, n, a)| *n > 0 && *a != Answer::Failed)
+            .map(|(s, ..)| *s)
+            .collect();
+        let failed: Vec<Uuid> = answers
+            .iter()
+            .filter(|(_, _, a)| *a == Answer::Failed)
+            .map(|(s, ..)| *s)
+            .collect();
+        let settled = self.store.settle(&answered).await;
+        if let Err(e) = &settled {
+            tracing::warn!(error = %e, "could not record accepted reports; retrying");
+        }
+        if let Err(e) = self.store.give_back(&failed).await {
+            // Ours stays in flight in the store; the next take includes it again.
+            tracing::warn!(error = %e, "could not give back failed reports");
+        }
         {
             let mut ledgers = self.ledgers.lock().unwrap();
-            for (session, report, answer) in answers {
-                if answer == Answer::Failed {
-                    all_ok = false;
-                    continue;
-                }
-                let Some(ledger) = ledgers.get_mut(&session) else {
-                    continue;
-                };
-                ledger.settle(report);
-                cursors.extend(report.cursor.map(|c| (session, c)));
-                if ledger.closed && ledger.report().is_none() {
-                    released.push(session);
-                    ledgers.remove(&session);
+            for (session, count, answer) in &answers {
+                // Usage another instance left: tracked here only until it is settled.
+                let ledger = ledgers.entry(*session).or_insert_with(Ledger::orphan);
+                ledger.dirty = *count > 0;
+                ledger.refused = if *answer == Answer::Failed { *count } else { 0 };
+                if *count > 0 && *answer != Answer::Failed && settled.is_err() {
+                    ledger.unacked = Some(*count);
                 }
             }
-            let pending: u64 = ledgers.values().map(Ledger::unbilled).sum();
-            self.metrics.billing_pending.set(pending as i64);
+            ledgers.retain(|_, l| !(l.closed && l.is_settled() && l.refused == 0));
         }
-        if let Err(e) = self.lease.set_cursors(&cursors).await {
-            tracing::warn!(error = %e, "could not record billing cursors");
-        }
-        if let Err(e) = self.lease.release(&released).await {
-            tracing::warn!(error = %e, "could not release billing leases");
-        }
-        all_ok
+        self.update_pending();
+        failed.is_empty() && settled.is_ok()
+    }
+
+    fn update_pending(&self) {
+        let pending: u64 = self
+            .ledgers
+            .lock()
+            .unwrap()
+            .values()
+            .map(Ledger::pending)
+            .sum();
+        self.metrics.billing_pending.set(pending as i64);
     }
 
     async fn send(&self, endpoint: &str, session: Uuid, count: u64) -> Answer {
@@ -272,7 +335,11 @@ impl Usage for Billing {
         let mut ledgers = self.ledgers.lock().unwrap();
         let ledger = ledgers.entry(session).or_default();
         ledger.closed = false;
-        ledger.record(payloads, Instant::now());
+        let dropped = ledger.record(payloads, Instant::now(), self.window);
+        if dropped > 0 {
+            tracing::warn!(%session, dropped, "usage store unreachable for long; oldest usage dropped");
+            self.metrics.billing_dropped.inc_by(dropped);
+        }
     }
 
     fn closed(&self, session: Uuid) {

@@ -156,25 +156,72 @@ async fn two_instances_serving_one_session_bill_it_once() {
     assert_eq!(a.metric("chat_sync_usage_captured_total").await, 500.0);
     assert_eq!(b.metric("chat_sync_usage_captured_total").await, 500.0);
 
-    // The instance holding the billing lease stops; the other one, which also counted
-    // all 500, takes over from the holder's cursor and bills only what follows.
-    let lease: String = redis::AsyncCommands::get(
-        &mut redis.conn().await,
-        format!("chat-sync:billing:lease:{room}"),
-    )
-    .await
-    .unwrap();
-    let (holder, other, mut on_other) = if lease.starts_with("a-") {
-        (a, b, on_b)
-    } else {
-        (b, a, on_a)
-    };
-    holder.stop().await;
+    // One instance stops; the other, which also counted all 500, goes on alone and
+    // bills only what follows.
+    a.stop().await;
+    drop(on_a);
     publish_paced(&redis, room, 500..800).await;
-    on_other.messages(300).await;
-    assert_total_settles(&tenant, room, 800, &[&other]).await;
-    drop(on_other);
-    other.stop().await;
+    on_b.messages(300).await;
+    assert_total_settles(&tenant, room, 800, &[&b]).await;
+    drop(on_b);
+    b.stop().await;
+}
+
+/// The sum of a session's unreported usage in the store (pending and in flight).
+async fn stored_usage(redis: &RedisServer, room: Uuid) -> u64 {
+    let values: Vec<u64> = redis::cmd("HVALS")
+        .arg(format!("chat-sync:billing:{{{room}}}:usage"))
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    values.iter().sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counted_by_an_instance_that_dies_during_a_tenant_outage_is_billed() {
+    let redis = RedisServer::start().await;
+    let mut tenant = Tenant::start().await;
+    let base = tenant.base_url();
+    let url = redis.url();
+    let env = |id| {
+        [
+            ("REDIS_URL", url.as_str()),
+            ("TENANT_BASE_URL", base.as_str()),
+            ("BILLING_FLUSH_MS", "100"),
+            ("BILLING_TIMEOUT_MS", "500"),
+            ("INSTANCE_ID", id),
+        ]
+    };
+    let server = ServerProcess::spawn(&env("a")).await;
+    let room = Uuid::new_v4();
+    let mut viewer = Subscriber::connect(&server.url(&sse_path(room)), None).await;
+
+    tenant.go_away();
+    publish_paced(&redis, room, 0..400).await;
+    viewer.messages(400).await;
+    wait_until("all 400 are counted in the store", || async {
+        stored_usage(&redis, room).await == 400
+    })
+    .await;
+    drop(server); // SIGKILL: nothing is flushed, nothing is released.
+
+    // Another instance, serving other sessions, settles what the dead one left.
+    tenant.resume().await;
+    let _b = ServerProcess::spawn(&env("b")).await;
+    wait_until("the tenant has all 400", || async {
+        tenant.total(room) >= 400
+    })
+    .await;
+    wait_until("nothing is left in the store", || async {
+        stored_usage(&redis, room).await == 0
+    })
+    .await;
+    assert_eq!(
+        tenant.total(room),
+        400,
+        "reports: {:?}",
+        tenant.reports(room)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,6 +298,32 @@ async fn metrics_parse_and_follow_the_traffic() {
     drop(viewers);
     wait_until("the connections gauge follows disconnects", || async {
         app.metric("chat_sync_connections").await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_the_usage_store_is_reported() {
+    let mut redis = RedisServer::start().await;
+    let tenant = Tenant::start().await;
+    let base = tenant.base_url();
+    let vars = [
+        ("TENANT_BASE_URL", base.as_str()),
+        ("BILLING_FLUSH_MS", "50"),
+    ];
+    let app = TestApp::spawn(Some(&redis), &vars).await;
+    let flushes = app.metric("chat_sync_billing_flushes_total").await;
+    wait_until("a round ran against the store", || async {
+        app.metric("chat_sync_billing_flushes_total").await > flushes
+    })
+    .await;
+    assert_eq!(
+        app.metric("chat_sync_billing_store_resets_total").await,
+        0.0
+    );
+    redis.restart().await; // Without persistence: the store comes back empty.
+    wait_until("the lost store is reported", || async {
+        app.metric("chat_sync_billing_store_resets_total").await == 1.0
     })
     .await;
 }

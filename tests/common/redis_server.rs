@@ -1,6 +1,7 @@
 //! A real `redis-server` per test, on a free loopback port, that the test can kill and
 //! restart on the same port.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,26 +13,52 @@ use super::{free_port, redis_conn};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Where an append-only file keeps the data across kills and restarts, if any.
+    dir: Option<PathBuf>,
 }
 
 impl RedisServer {
+    /// Without persistence: a restart comes back empty.
     pub async fn start() -> Self {
+        Self::start_in(None).await
+    }
+
+    /// With `appendonly yes`, as the README asks for the usage store: the data
+    /// survives `kill -9` and a restart.
+    pub async fn start_persistent() -> Self {
+        let dir = std::env::temp_dir().join(format!("chat-sync-redis-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self::start_in(Some(dir)).await
+    }
+
+    async fn start_in(dir: Option<PathBuf>) -> Self {
         for _ in 0..20 {
             let port = free_port();
-            let mut server = Self { port, child: None };
+            let mut server = Self {
+                port,
+                child: None,
+                dir: dir.clone(),
+            };
             if server.spawn().await {
                 return server;
             }
+            server.dir = None;
         }
         panic!("could not start redis-server (is it installed? .ci/run installs it)");
     }
 
     /// Spawns on `self.port`; false if it did not come up (port taken).
     async fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--protected-mode", "no", "--loglevel", "warning"])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(["--protected-mode", "no", "--loglevel", "warning"]);
+        match &self.dir {
+            Some(dir) => command.args(["--appendonly", "yes", "--dir"]).arg(dir),
+            None => command.args(["--appendonly", "no"]),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -113,5 +140,8 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
