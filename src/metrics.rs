@@ -40,6 +40,7 @@ pub struct Metrics {
     pub usage_captured: Counter,
     pub billing_requests: Family<Outcome, Counter>,
     pub billing_pending: Gauge,
+    pub billing_uncounted: Gauge,
     pub billing_flushes: Counter,
     pub billing_dropped: Counter,
     pub billing_store_resets: Counter,
@@ -72,6 +73,7 @@ impl Metrics {
             usage_captured: Counter::default(),
             billing_requests: Family::default(),
             billing_pending: Gauge::default(),
+            billing_uncounted: Gauge::default(),
             billing_flushes: Counter::default(),
             billing_dropped: Counter::default(),
             billing_store_resets: Counter::default(),
@@ -150,6 +152,11 @@ impl Metrics {
             "billing_pending",
             "Captured messages not yet acknowledged by the tenant backend",
             m.billing_pending.clone(),
+        );
+        r.register(
+            "billing_uncounted",
+            "Captured messages not yet counted in the shared usage store",
+            m.billing_uncounted.clone(),
         );
         r.register(
             "billing_flushes",

@@ -97,6 +97,12 @@ impl Ledger {
         self.unaccounted.drain(..n.min(self.unaccounted.len()));
     }
 
+    /// Captured here and not yet counted by the store: what this instance's death
+    /// would lose if no other instance received the same messages.
+    pub fn uncounted(&self) -> u64 {
+        self.unaccounted.len() as u64
+    }
+
     /// Captured here and not yet accepted by the tenant, as far as this instance knows.
     pub fn pending(&self) -> u64 {
         self.unaccounted.len() as u64 + self.refused + self.unacked.unwrap_or(0)

@@ -286,14 +286,11 @@ impl Billing {
     }
 
     fn update_pending(&self) {
-        let pending: u64 = self
-            .ledgers
-            .lock()
-            .unwrap()
-            .values()
-            .map(Ledger::pending)
-            .sum();
+        let ledgers = self.ledgers.lock().unwrap();
+        let pending: u64 = ledgers.values().map(Ledger::pending).sum();
+        let uncounted: u64 = ledgers.values().map(Ledger::uncounted).sum();
         self.metrics.billing_pending.set(pending as i64);
+        self.metrics.billing_uncounted.set(uncounted as i64);
     }
 
     async fn send(&self, endpoint: &str, session: Uuid, count: u64) -> Answer {

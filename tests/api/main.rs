@@ -4,6 +4,7 @@
 mod common;
 
 mod billing;
+mod chaos;
 mod delivery;
 mod faults;
 mod lifecycle;
