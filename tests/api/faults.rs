@@ -86,12 +86,12 @@ async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
     let last = viewer.last_event_id.clone().expect("batches carry ids");
     drop(viewer);
 
-    // Published while the viewer was away, in several batches.
+    // Published while the viewer was away, one batch each (the watcher paces it):
+    // 20 batches, within the 30 the buffer keeps.
     for i in 10..30 {
         redis.publish(&room.to_string(), &chat("p1", i)).await;
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        watcher.messages(1).await;
     }
-    watcher.messages(20).await;
     let mut back = Subscriber::connect(&url, Some(&last)).await;
     let expected: Vec<String> = (10..30).map(|i| chat("p1", i)).collect();
     assert_eq!(
@@ -106,12 +106,13 @@ async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
         "then the live stream, no gap"
     );
 
-    // An id older than the replay buffer: the client is told, then continues live.
+    // An id older than the replay buffer (69 more batches): the client is told, then
+    // continues live.
+    watcher.messages(1).await;
     for i in 31..100 {
         redis.publish(&room.to_string(), &chat("p1", i)).await;
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        watcher.messages(1).await;
     }
-    watcher.messages(70).await;
     let mut stale = Subscriber::connect(&url, Some(&last)).await;
     let reset = stale.next_event().await.unwrap();
     assert_eq!(reset.event, "reset");
