@@ -17,9 +17,12 @@ pub enum AppError {
     /// 401: the publish API needs `Authorization: Bearer <PUBLISH_TOKEN>`.
     #[error("missing or wrong bearer token")]
     Unauthorized,
-    /// 403: without `PUBLISH_TOKEN`, only loopback clients may publish.
-    #[error("publishing is only allowed from loopback unless PUBLISH_TOKEN is set")]
-    Forbidden,
+    /// 403: without `PUBLISH_TOKEN`, only direct local clients may publish.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 415: a body that is not `Content-Type: application/json`.
+    #[error("the body must be sent as Content-Type: application/json")]
+    UnsupportedMediaType,
     /// 413: the body is larger than `MAX_MESSAGE_BYTES`.
     #[error("the body exceeds the limit of {0} bytes")]
     PayloadTooLarge(usize),
@@ -39,7 +42,10 @@ impl AppError {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
-            Self::Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
+            Self::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE")
+            }
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
             Self::SessionEnded => (StatusCode::NO_CONTENT, "SESSION_ENDED"),
             Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),

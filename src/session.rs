@@ -148,6 +148,14 @@ impl Sessions {
         };
         let mut inbox = session.inbox.lock().unwrap();
         if is_end {
+            // An oversize end still ends the session, with the payload the publish API
+            // would have sent.
+            let payload = if payload.len() > self.max_message_bytes {
+                self.metrics.drop_message("oversize_end");
+                Bytes::from(serde_json::json!({ "id": session.id }).to_string())
+            } else {
+                payload
+            };
             inbox.end.get_or_insert(payload);
             return;
         }

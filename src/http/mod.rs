@@ -9,7 +9,7 @@ mod publish;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use uuid::Uuid;
@@ -32,14 +32,15 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let instance = HeaderValue::from_str(&state.config.instance_id)
         .unwrap_or_else(|_| HeaderValue::from_static("chat-sync"));
+    // CORS on the viewers' streams only: the publish API is for servers, and offering
+    // it to other origins would let any page a browser opens try it.
     let cors = cors(&state.config.cors_origins);
     Router::new()
-        .merge(chats::router())
+        .merge(chats::router().layer(cors))
         .merge(publish::router(state.config.max_message_bytes))
         .merge(health::router())
         .merge(demo::router())
         .with_state(state)
-        .layer(cors)
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static("x-instance-id"),
             instance,
@@ -55,12 +56,8 @@ fn cors(origins: &CorsOrigins) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([
-            header::CONTENT_TYPE,
-            header::AUTHORIZATION,
-            HeaderName::from_static("last-event-id"),
-        ])
+        .allow_methods([Method::GET, Method::OPTIONS])
+        .allow_headers([HeaderName::from_static("last-event-id")])
         .expose_headers([HeaderName::from_static("x-instance-id")])
 }
 

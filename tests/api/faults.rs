@@ -391,6 +391,18 @@ async fn oversize_redis_payloads_are_dropped_and_counted() {
         1.0,
         "dropped payloads are not billed"
     );
+    // An oversize end still ends the session, with a payload naming it.
+    redis
+        .publish(&format!("{room}_END"), &"z".repeat(1025))
+        .await;
+    let end = viewer.next_event().await.expect("an end event");
+    assert_eq!(end.event, "end");
+    assert_eq!(end.data, format!(r#"{{"id":"{room}"}}"#));
+    assert_eq!(
+        app.metric(r#"chat_sync_messages_dropped_total{reason="oversize_end"}"#)
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 
 use uuid::Uuid;
 
-use crate::common::{RedisServer, TestApp, chat};
+use crate::common::nginx::Nginx;
+use crate::common::{RedisServer, Subscriber, TestApp, chat, sse_path};
 
 async fn round_trip(app: &TestApp) {
     let room = Uuid::new_v4();
@@ -51,7 +52,11 @@ async fn publish_api_requires_the_token_when_one_is_set() {
     let room = Uuid::new_v4();
     let path = app.url(&format!("/api/v1/chats/{room}/messages"));
     let send = |auth: Option<&'static str>| {
-        let mut request = app.http.post(&path).body(chat("p1", 0));
+        let mut request = app
+            .http
+            .post(&path)
+            .header("content-type", "application/json")
+            .body(chat("p1", 0));
         if let Some(auth) = auth {
             request = request.header("authorization", auth);
         }
@@ -66,6 +71,123 @@ async fn publish_api_requires_the_token_when_one_is_set() {
     .await;
     error(send(Some("t0ken")).await.unwrap(), 401, "UNAUTHORIZED").await;
     assert_eq!(send(Some("Bearer t0ken")).await.unwrap().status(), 202);
+    assert_eq!(
+        send(Some("bearer t0ken")).await.unwrap().status(),
+        202,
+        "the scheme is case-insensitive (RFC 9110)"
+    );
+}
+
+/// The defaults a fresh install relies on: without PUBLISH_TOKEN, the publish API
+/// answers a process on the host that speaks to it directly, and nobody else, not
+/// a client of a proxy on the same host, not a web page in a browser on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_no_proxy_client_and_no_web_page_can_publish() {
+    let app = TestApp::spawn(None, &[]).await;
+    let room = Uuid::new_v4();
+    let mut viewer = app.connect(room).await;
+    let messages = app.url(&format!("/api/v1/chats/{room}/messages"));
+    let end = app.url(&format!("/api/v1/chats/{room}/end"));
+    let post = |url: &str, headers: &[(&'static str, &str)]| {
+        let mut request = app
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(chat("x", 0));
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        request.send()
+    };
+    for url in [&messages, &end] {
+        for forwarded in [
+            ("x-forwarded-for", "198.51.100.7"),
+            ("forwarded", "for=198.51.100.7"),
+            ("x-real-ip", "198.51.100.7"),
+        ] {
+            error(post(url, &[forwarded]).await.unwrap(), 403, "FORBIDDEN").await;
+        }
+        let page = [("origin", "https://evil.example")];
+        error(post(url, &page).await.unwrap(), 403, "FORBIDDEN").await;
+        let rebound = [("host", "evil.example"), ("origin", "http://evil.example")];
+        error(post(url, &rebound).await.unwrap(), 403, "FORBIDDEN").await;
+    }
+    // No preflight is needed for text/plain, so it is refused as a type.
+    let plain = app
+        .http
+        .post(&messages)
+        .header("content-type", "text/plain")
+        .body(chat("x", 0))
+        .send()
+        .await
+        .unwrap();
+    error(plain, 415, "UNSUPPORTED_MEDIA_TYPE").await;
+    // And no CORS is offered to the publish API, while the streams keep theirs.
+    let preflight = app
+        .http
+        .request(reqwest::Method::OPTIONS, &messages)
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !preflight
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
+    let stream = app
+        .http
+        .get(app.url(&sse_path(Uuid::new_v4())))
+        .header("origin", "https://ok.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.headers()["access-control-allow-origin"], "*");
+
+    // The demo page (same origin, on the host) and a local process still publish.
+    let same = [("origin", app.base.as_str())];
+    assert_eq!(post(&messages, &same).await.unwrap().status(), 202);
+    assert_eq!(post(&messages, &[]).await.unwrap().status(), 202);
+    assert_eq!(viewer.messages(2).await, vec![chat("x", 0), chat("x", 0)]);
+}
+
+/// The attack as reported: nginx on the same host in front of chat-sync with no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_deploy_nginx_publishing_needs_the_token() {
+    let app = TestApp::spawn(None, &[]).await;
+    let upstream = app.base.trim_start_matches("http://").to_string();
+    let nginx = Nginx::start(&[upstream.clone(), upstream.clone(), upstream]);
+    let room = Uuid::new_v4();
+    let mut viewer = Subscriber::connect(&nginx.url(&sse_path(room)), None).await;
+    for path in ["messages", "end"] {
+        let response = app
+            .http
+            .post(nginx.url(&format!("/api/v1/chats/{room}/{path}")))
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", "198.51.100.7")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        error(response, 403, "FORBIDDEN").await;
+    }
+    assert_eq!(
+        app.http
+            .get(nginx.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404,
+        "metrics are not on the public side"
+    );
+    // The viewer was not ended: a direct local publish still reaches it.
+    let direct = app
+        .post(&format!("/api/v1/chats/{room}/messages"), &chat("p", 1))
+        .await;
+    assert_eq!(direct.status(), 202);
+    assert_eq!(viewer.messages(1).await, vec![chat("p", 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,6 +209,22 @@ async fn bad_input_gets_clear_json_errors() {
     )
     .await;
     error(app.post(&messages, "").await, 400, "BAD_REQUEST").await;
+    // Invalid UTF-8 inside a string, and a lone surrogate escape: not text.
+    let bad_utf8 = app
+        .http
+        .post(app.url(&messages))
+        .header("content-type", "application/json")
+        .body(b"{\"message\":\"\xff\xfe\"}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    error(bad_utf8, 400, "BAD_REQUEST").await;
+    error(
+        app.post(&messages, r#"{"message":"\ud800"}"#).await,
+        400,
+        "BAD_REQUEST",
+    )
+    .await;
     let big = format!(r#"{{"message":"{}"}}"#, "x".repeat(2000));
     error(app.post(&messages, &big).await, 413, "PAYLOAD_TOO_LARGE").await;
     error(
