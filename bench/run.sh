@@ -24,6 +24,10 @@ if ((${#missing[@]})); then
 fi
 cargo build --release -q -p chat-sync -p loadgen
 
+# The load generator opens thousands of streams and sessions from a few loopback
+# addresses: the per-client limits, meant for the public side, are lifted.
+export MAX_STREAMS_PER_CLIENT=10000000 NEW_SESSIONS_PER_CLIENT=1000000
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 

@@ -42,6 +42,8 @@ fn setup(subscribers: usize) -> (Ticker, Arc<Sessions>, Uuid, Vec<Subscription>)
         session_grace: Duration::from_secs(3600),
         ended_ttl: Duration::from_secs(3600),
         client_retry: Duration::from_secs(2),
+        max_streams_per_client: usize::MAX,
+        new_sessions_per_client: u32::MAX,
     };
     let registry = Arc::new(Registry::new(
         sessions.clone(),
@@ -54,7 +56,11 @@ fn setup(subscribers: usize) -> (Ticker, Arc<Sessions>, Uuid, Vec<Subscription>)
         .build()
         .unwrap();
     let subs = (0..subscribers)
-        .map(|_| runtime.block_on(registry.attach(room, None)).unwrap())
+        .map(|_| {
+            runtime
+                .block_on(registry.attach(room, None, std::net::Ipv4Addr::LOCALHOST.into()))
+                .unwrap()
+        })
         .collect();
     let ticker = Ticker {
         registry,

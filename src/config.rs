@@ -81,6 +81,17 @@ pub struct Config {
     pub instance_id: String,
     /// Runtime worker threads; `None` uses one per core.
     pub worker_threads: Option<usize>,
+    /// From accept to a complete first request head; slower clients are closed.
+    pub header_timeout: Duration,
+    /// Connections accepted whose first request head is not complete yet; beyond it
+    /// the oldest such connection is closed to make room.
+    pub max_pending_connections: usize,
+    /// Open streams per client address (the forwarded one behind a trusted proxy).
+    pub max_streams_per_client: usize,
+    /// New sessions a client address may create per second (and in a burst, ten times it).
+    pub new_sessions_per_client: u32,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` is believed; nobody else's is.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl std::fmt::Debug for Config {
@@ -147,6 +158,12 @@ impl Config {
                 None => None,
                 Some(_) => Some(env.count("WORKER_THREADS", 0, 1..=1024)?),
             },
+            header_timeout: env.millis("HEADER_TIMEOUT_MS", 10_000, 100..=600_000)?,
+            max_pending_connections: env.count("MAX_PENDING_CONNECTIONS", 1_024, 1..=1_000_000)?,
+            max_streams_per_client: env.count("MAX_STREAMS_PER_CLIENT", 1_000, 1..=10_000_000)?,
+            new_sessions_per_client: env.count("NEW_SESSIONS_PER_CLIENT", 20, 1..=1_000_000)?
+                as u32,
+            trusted_proxies: trusted_proxies(&env)?,
         })
     }
 }
@@ -188,6 +205,30 @@ fn redis_target(env: &Env<'_>) -> Result<Option<ConnectionInfo>, ConfigError> {
         })?
         .set_redis_settings(settings);
     Ok(Some(info))
+}
+
+/// `TRUSTED_PROXIES`: addresses or CIDR ranges, comma-separated; loopback by default
+/// (a proxy on the same host), empty (`none`) to trust no one.
+fn trusted_proxies(env: &Env<'_>) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let raw = env
+        .string("TRUSTED_PROXIES")
+        .unwrap_or_else(|| "127.0.0.0/8,::1".into());
+    if raw.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| ConfigError::Invalid {
+                    var: "TRUSTED_PROXIES",
+                    value: s.to_string(),
+                    expected: "IP addresses or CIDR ranges, comma-separated",
+                })
+        })
+        .collect()
 }
 
 fn cors_origins(env: &Env<'_>) -> Result<CorsOrigins, ConfigError> {

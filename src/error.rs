@@ -29,6 +29,12 @@ pub enum AppError {
     /// 204: the session ended; tells EventSource to stop reconnecting.
     #[error("the session has ended")]
     SessionEnded,
+    /// 429 with `Retry-After`: this client holds its share (streams, new sessions).
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        retry_after_secs: u32,
+    },
     /// 503 with `Retry-After`: a limit is reached or the broker is unavailable.
     #[error("{message}")]
     Unavailable {
@@ -49,6 +55,7 @@ impl AppError {
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
             Self::SessionEnded => (StatusCode::NO_CONTENT, "SESSION_ENDED"),
             Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),
+            Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_REQUESTS"),
         }
     }
 }
@@ -57,6 +64,12 @@ impl From<AttachError> for AppError {
     fn from(e: AttachError) -> Self {
         let retry_after_secs = match &e {
             AttachError::Ended => return Self::SessionEnded,
+            AttachError::TooManyClientStreams | AttachError::TooManyNewSessions => {
+                return Self::TooManyRequests {
+                    message: e.to_string(),
+                    retry_after_secs: 5,
+                };
+            }
             AttachError::Broker(inner) => {
                 tracing::warn!(error = %inner, "subscribe failed");
                 2
@@ -90,6 +103,9 @@ impl IntoResponse for AppError {
         let body = serde_json::json!({ "code": code, "message": self.to_string() });
         let mut response = (status, Json(body)).into_response();
         if let Self::Unavailable {
+            retry_after_secs, ..
+        }
+        | Self::TooManyRequests {
             retry_after_secs, ..
         } = self
         {

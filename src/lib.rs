@@ -9,6 +9,7 @@
 pub mod app;
 pub mod billing;
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod fanout;

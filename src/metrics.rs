@@ -184,6 +184,8 @@ impl Metrics {
             "max_connections",
             "max_connections_per_session",
             "max_sessions",
+            "max_streams_per_client",
+            "new_sessions_per_client",
             "broker",
         ] {
             drop(m.rejected_connections.get_or_create(&Reason { reason }));

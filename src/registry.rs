@@ -2,6 +2,7 @@
 //! creates sessions and subscribes them on first use, and frees them when they end or
 //! have been unwatched for the grace period.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::broker::{Broker, BrokerError};
+use crate::client::ClientLimits;
 use crate::config::Config;
 use crate::frame::{self, EventId};
 use crate::metrics::Metrics;
@@ -33,6 +35,10 @@ pub enum AttachError {
     TooManySessionConnections,
     #[error("this instance has reached its session limit")]
     TooManySessions,
+    #[error("this client has reached its limit of open streams")]
+    TooManyClientStreams,
+    #[error("this client opens new sessions too fast")]
+    TooManyNewSessions,
     #[error("could not subscribe to the session: {0}")]
     Broker(#[from] BrokerError),
 }
@@ -49,6 +55,8 @@ pub struct Limits {
     pub session_grace: Duration,
     pub ended_ttl: Duration,
     pub client_retry: Duration,
+    pub max_streams_per_client: usize,
+    pub new_sessions_per_client: u32,
 }
 
 impl From<&Config> for Limits {
@@ -63,6 +71,8 @@ impl From<&Config> for Limits {
             session_grace: c.session_grace,
             ended_ttl: c.ended_ttl,
             client_retry: c.client_retry,
+            max_streams_per_client: c.max_streams_per_client,
+            new_sessions_per_client: c.new_sessions_per_client,
         }
     }
 }
@@ -79,8 +89,14 @@ pub struct Registry {
     /// Kept apart from the map so it can be checked while a map shard is locked.
     session_count: AtomicUsize,
     closing: AtomicBool,
+    clients: ClientLimits,
     pub metrics: Arc<Metrics>,
 }
+
+/// A viewer watching for less than this before leaving did not establish its session:
+/// a session only such viewers had is freed at once rather than after the grace
+/// period, so connect-and-close churn cannot keep the session table full.
+const ESTABLISHED_AFTER: Duration = Duration::from_secs(1);
 
 /// An admitted subscriber: what to send first, then the session's live frames.
 pub struct Subscription {
@@ -95,6 +111,8 @@ pub struct Subscription {
 pub struct SubscriberGuard {
     registry: Arc<Registry>,
     session: Arc<Session>,
+    client: IpAddr,
+    attached: Instant,
 }
 
 impl SubscriberGuard {
@@ -105,9 +123,14 @@ impl SubscriberGuard {
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        if self.session.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.session.idle_since.lock().unwrap() = Some(Instant::now());
+        let now = Instant::now();
+        if now.duration_since(self.attached) >= ESTABLISHED_AFTER {
+            self.session.established.store(true, Ordering::Release);
         }
+        if self.session.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.session.idle_since.lock().unwrap() = Some(now);
+        }
+        self.registry.clients.close_stream(self.client);
         self.registry.release_connection();
     }
 }
@@ -123,11 +146,15 @@ impl Registry {
             sessions,
             ended: DashMap::new(),
             broker,
-            limits,
             boot: rand_u64(),
             connections: AtomicUsize::new(0),
             session_count: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
+            clients: ClientLimits::new(
+                limits.max_streams_per_client,
+                limits.new_sessions_per_client,
+            ),
+            limits,
             metrics,
         }
     }
@@ -147,14 +174,15 @@ impl Registry {
             .is_some_and(|at| at.elapsed() < self.limits.ended_ttl)
     }
 
-    /// Admits a subscriber to `id`, resuming after `last_event_id` when given.
+    /// Admits a subscriber from `client` to `id`, resuming after `last_event_id`.
     pub async fn attach(
         self: &Arc<Self>,
         id: Uuid,
         last_event_id: Option<&str>,
+        client: IpAddr,
     ) -> Result<Subscription, AttachError> {
         self.metrics.connects.inc();
-        let result = self.try_attach(id, last_event_id).await;
+        let result = self.try_attach(id, last_event_id, client).await;
         if let Err(e) = &result {
             self.metrics.reject_connection(match e {
                 AttachError::Ended => "ended",
@@ -162,6 +190,8 @@ impl Registry {
                 AttachError::TooManyConnections => "max_connections",
                 AttachError::TooManySessionConnections => "max_connections_per_session",
                 AttachError::TooManySessions => "max_sessions",
+                AttachError::TooManyClientStreams => "max_streams_per_client",
+                AttachError::TooManyNewSessions => "new_sessions_per_client",
                 AttachError::Broker(_) => "broker",
             });
         }
@@ -172,6 +202,7 @@ impl Registry {
         self: &Arc<Self>,
         id: Uuid,
         last_event_id: Option<&str>,
+        client: IpAddr,
     ) -> Result<Subscription, AttachError> {
         if self.closing.load(Ordering::Acquire) {
             return Err(AttachError::ShuttingDown);
@@ -179,21 +210,30 @@ impl Registry {
         if self.has_ended(id) {
             return Err(AttachError::Ended);
         }
-        // A session this instance does not serve yet may have ended on another one:
-        // answer as that one would, without subscribing to a dead session.
-        if !self.sessions.map.contains_key(&id)
-            && matches!(self.broker.ended(id).await, Ok(Some(_)))
-        {
-            return Err(AttachError::Ended);
+        if !self.sessions.map.contains_key(&id) {
+            // Subscribing needs the broker: say so at once rather than wait for it.
+            if !self.broker.is_connected() {
+                return Err(AttachError::Broker(BrokerError::Unavailable));
+            }
+            // It may have ended on another instance: answer as that one would,
+            // without subscribing to a dead session.
+            if matches!(self.broker.ended(id).await, Ok(Some(_))) {
+                return Err(AttachError::Ended);
+            }
         }
         if self.connections.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(AttachError::TooManyConnections);
         }
         self.metrics.connections.inc();
-        let session = match self.join_session(id) {
+        if !self.clients.open_stream(client) {
+            self.release_connection();
+            return Err(AttachError::TooManyClientStreams);
+        }
+        let session = match self.join_session(id, client) {
             Ok(session) => session,
             Err(e) => {
+                self.clients.close_stream(client);
                 self.release_connection();
                 return Err(e);
             }
@@ -202,6 +242,8 @@ impl Registry {
         let guard = SubscriberGuard {
             registry: self.clone(),
             session: session.clone(),
+            client,
+            attached: Instant::now(),
         };
         let subscribing = session.subscribed.peek().is_none();
         if let Err(e) = session.subscribed.clone().await {
@@ -253,12 +295,15 @@ impl Registry {
     /// Finds or creates the session and counts the caller in, under the map's lock so
     /// that the reaper cannot free the session in between and concurrent first
     /// connects subscribe exactly once.
-    fn join_session(&self, id: Uuid) -> Result<Arc<Session>, AttachError> {
+    fn join_session(&self, id: Uuid, client: IpAddr) -> Result<Arc<Session>, AttachError> {
         let session = match self.sessions.map.entry(id) {
             Entry::Occupied(e) => e.get().clone(),
             Entry::Vacant(e) => {
                 if self.session_count.load(Ordering::Acquire) >= self.limits.max_sessions {
                     return Err(AttachError::TooManySessions);
+                }
+                if !self.clients.create_session(client, Instant::now()) {
+                    return Err(AttachError::TooManyNewSessions);
                 }
                 self.session_count.fetch_add(1, Ordering::AcqRel);
                 self.metrics.sessions.inc();
@@ -340,6 +385,7 @@ impl Registry {
         let freed: Vec<Arc<Session>> = idle.into_iter().filter(|s| self.remove(s, true)).collect();
         let ttl = self.limits.ended_ttl;
         self.ended.retain(|_, at| now.duration_since(*at) < ttl);
+        self.clients.prune(now);
         freed
     }
 

@@ -2,7 +2,7 @@
 //! its outbox (replay buffer and the broadcast channel its subscribers read), and the
 //! table of all sessions that the broker's events land in.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -71,6 +71,9 @@ pub struct Session {
     pub subscribers: AtomicUsize,
     /// When `subscribers` last dropped to zero.
     pub idle_since: Mutex<Option<Instant>>,
+    /// Some viewer stayed more than a moment: the session gets the full grace period
+    /// when unwatched; one that never had such a viewer is freed at once.
+    pub established: AtomicBool,
     /// The broker's confirmation of this session's subscription.
     pub subscribed: SubscribeAck,
 }
@@ -89,12 +92,19 @@ impl Session {
             }),
             subscribers: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
+            established: AtomicBool::new(false),
             subscribed,
         }
     }
 
-    /// Whether nobody has watched this session for at least `grace`.
+    /// Whether nobody has watched this session for at least `grace` (or at all, if
+    /// it never had a viewer that stayed).
     pub fn idle_for(&self, grace: std::time::Duration, now: Instant) -> bool {
+        let grace = if self.established.load(Ordering::Acquire) {
+            grace
+        } else {
+            std::time::Duration::ZERO
+        };
         self.subscribers.load(Ordering::Acquire) == 0
             && self
                 .idle_since

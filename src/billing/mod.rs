@@ -333,6 +333,10 @@ impl Usage for Billing {
         let ledger = ledgers.entry(session).or_default();
         ledger.closed = false;
         let dropped = ledger.record(payloads, Instant::now(), self.window);
+        // Under the ledgers' lock, as `update_pending` sets it: the gauge stays exact.
+        self.metrics
+            .billing_uncounted
+            .inc_by(payloads.len() as i64 - dropped as i64);
         if dropped > 0 {
             tracing::warn!(%session, dropped, "usage store unreachable for long; oldest usage dropped");
             self.metrics.billing_dropped.inc_by(dropped);

@@ -62,6 +62,11 @@ impl RedisBroker {
             .set_number_of_retries(usize::MAX)
             .set_max_delay(Duration::from_secs(1))
             .set_connection_timeout(Some(Duration::from_secs(2)))
+            // Every command here has its own timeout (COMMAND_TIMEOUT, the health
+            // PING's): the crate's 500 ms default fails a PUBLISH that may still have
+            // gone out (a retry sends it twice), and fails PINGs when the runtime is
+            // merely busy.
+            .set_response_timeout(None)
             .set_automatic_resubscription()
             .set_push_sender(move |push: PushInfo| {
                 on_push(&sink, &push_connected, push);

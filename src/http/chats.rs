@@ -1,13 +1,15 @@
 //! `GET /api/v1/chats/sse-connect/{sessionId}`: the viewers' stream.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
 
 use super::{AppState, session_id};
+use crate::client;
 use crate::error::AppError;
+use crate::net::PeerAddr;
 use crate::sse;
 
 pub fn router() -> Router<AppState> {
@@ -16,6 +18,7 @@ pub fn router() -> Router<AppState> {
 
 async fn connect(
     State(state): State<AppState>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     Path(raw): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
@@ -27,6 +30,7 @@ async fn connect(
                 .map_err(|_| AppError::BadRequest("Last-Event-ID is not text".into()))?,
         ),
     };
-    let subscription = state.registry.attach(id, last_event_id).await?;
+    let client = client::address(peer.ip(), &headers, &state.config.trusted_proxies);
+    let subscription = state.registry.attach(id, last_event_id, client).await?;
     Ok(sse::response(subscription))
 }

@@ -18,6 +18,9 @@ use chat_sync::session::Sessions;
 use tokio::sync::broadcast::error::TryRecvError;
 use uuid::Uuid;
 
+/// Every viewer of the walk connects from here.
+const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// Counts what the ticker captured, as billing would.
 #[derive(Default)]
 struct Captured(AtomicU64);
@@ -133,6 +136,8 @@ async fn walk(seed: u64) {
         session_grace: Duration::from_secs(3600),
         ended_ttl: Duration::from_secs(3600),
         client_retry: Duration::from_secs(1),
+        max_streams_per_client: usize::MAX,
+        new_sessions_per_client: u32::MAX,
     };
     let registry = Arc::new(Registry::new(sessions, broker.clone(), limits, metrics));
     let captured = Arc::new(Captured::default());
@@ -163,7 +168,7 @@ async fn walk(seed: u64) {
             }
             40..55 => ticker.tick_once(&mut handles, Instant::now()),
             55..62 if viewers.iter().filter(|v| v.live.is_some()).count() < 6 => {
-                let sub = registry.attach(room, None).await.unwrap();
+                let sub = registry.attach(room, None, LOCAL).await.unwrap();
                 let mut viewer = Viewer {
                     live: None,
                     last_event_id: None,
@@ -187,7 +192,7 @@ async fn walk(seed: u64) {
                         v.expect = count(&captured);
                     }
                     let sub = registry
-                        .attach(room, v.last_event_id.as_deref())
+                        .attach(room, v.last_event_id.as_deref(), LOCAL)
                         .await
                         .unwrap();
                     v.absorb(&sub.prelude, count(&captured), &accepted, seed);

@@ -34,9 +34,16 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&patient())
         .await
         .unwrap()
+}
+
+/// No response timeout: the crate's default (500 ms) fails commands on a busy machine,
+/// and a PUBLISH that timed out may still have been published, so a retry would send
+/// it twice. The tests' own waits bound everything instead.
+pub fn patient() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new().set_response_timeout(None)
 }
 
 pub fn free_port() -> u16 {

@@ -82,7 +82,10 @@ impl RedisServer {
         let Ok(client) = redis::Client::open(self.url()) else {
             return false;
         };
-        match client.get_multiplexed_async_connection().await {
+        match client
+            .get_multiplexed_async_connection_with_config(&super::patient())
+            .await
+        {
             Ok(mut c) => redis::cmd("PING")
                 .query_async::<String>(&mut c)
                 .await
