@@ -6,6 +6,7 @@
 //! ring's length behind is disconnected (it resumes with `Last-Event-ID`).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -117,7 +118,7 @@ impl Ticker {
         // what arrived once Redis was back: the gap is shown exactly where it is.
         let mut start = 0;
         for &at in &gaps {
-            self.send_batch(&mut outbox, &messages[start..at]);
+            self.send_batch(session, &mut outbox, &messages[start..at]);
             start = at;
             // Redis pub/sub keeps nothing while disconnected: say so, in order, and keep
             // the notice in the replay buffer for clients resuming across the gap.
@@ -129,7 +130,7 @@ impl Ticker {
                 last: false,
             });
         }
-        self.send_batch(&mut outbox, &messages[start..]);
+        self.send_batch(session, &mut outbox, &messages[start..]);
         if !messages.is_empty() {
             self.usage.captured(session.id, &messages);
         }
@@ -145,12 +146,15 @@ impl Ticker {
 
     /// Frames `messages` (if any) once, records the batch for resume and hands it to
     /// every subscriber.
-    fn send_batch(&self, outbox: &mut Outbox, messages: &[Bytes]) {
+    fn send_batch(&self, session: &Session, outbox: &mut Outbox, messages: &[Bytes]) {
         if messages.is_empty() {
             return;
         }
         let metrics = &self.registry.metrics;
         let receivers = outbox.tx.receiver_count() as u64;
+        if receivers > 0 {
+            session.established.store(true, Ordering::Release);
+        }
         let count = messages.len() as u64;
         let seq = outbox.replay.head() + 1;
         let batch = frame::batch(self.id(seq), messages);

@@ -93,11 +93,6 @@ pub struct Registry {
     pub metrics: Arc<Metrics>,
 }
 
-/// A viewer watching for less than this before leaving did not establish its session:
-/// a session only such viewers had is freed at once rather than after the grace
-/// period, so connect-and-close churn cannot keep the session table full.
-const ESTABLISHED_AFTER: Duration = Duration::from_secs(1);
-
 /// An admitted subscriber: what to send first, then the session's live frames.
 pub struct Subscription {
     /// `retry:` advice, then replayed batches or a `reset`.
@@ -112,7 +107,6 @@ pub struct SubscriberGuard {
     registry: Arc<Registry>,
     session: Arc<Session>,
     client: IpAddr,
-    attached: Instant,
 }
 
 impl SubscriberGuard {
@@ -123,12 +117,8 @@ impl SubscriberGuard {
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
-        let now = Instant::now();
-        if now.duration_since(self.attached) >= ESTABLISHED_AFTER {
-            self.session.established.store(true, Ordering::Release);
-        }
         if self.session.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.session.idle_since.lock().unwrap() = Some(now);
+            *self.session.idle_since.lock().unwrap() = Some(Instant::now());
         }
         self.registry.clients.close_stream(self.client);
         self.registry.release_connection();
@@ -243,7 +233,6 @@ impl Registry {
             registry: self.clone(),
             session: session.clone(),
             client,
-            attached: Instant::now(),
         };
         let subscribing = session.subscribed.peek().is_none();
         if let Err(e) = session.subscribed.clone().await {

@@ -71,8 +71,9 @@ pub struct Session {
     pub subscribers: AtomicUsize,
     /// When `subscribers` last dropped to zero.
     pub idle_since: Mutex<Option<Instant>>,
-    /// Some viewer stayed more than a moment: the session gets the full grace period
-    /// when unwatched; one that never had such a viewer is freed at once.
+    /// A batch reached a viewer: the session is a live one and gets the full grace
+    /// period when unwatched. One that never delivered anything is freed at once, so
+    /// connect-and-close churn over random ids cannot keep the session table full.
     pub established: AtomicBool,
     /// The broker's confirmation of this session's subscription.
     pub subscribed: SubscribeAck,
@@ -98,7 +99,7 @@ impl Session {
     }
 
     /// Whether nobody has watched this session for at least `grace` (or at all, if
-    /// it never had a viewer that stayed).
+    /// it never delivered anything).
     pub fn idle_for(&self, grace: std::time::Duration, now: Instant) -> bool {
         let grace = if self.established.load(Ordering::Acquire) {
             grace

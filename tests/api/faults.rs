@@ -314,13 +314,19 @@ async fn limits_answer_503_with_retry_after() {
     let body: serde_json::Value = refused.json().await.unwrap();
     assert_eq!(body["code"], "SERVICE_UNAVAILABLE");
 
-    let on_b = join_all((0..2).map(|_| app.connect(b))).await;
+    let mut on_b = join_all((0..2).map(|_| app.connect(b))).await;
     assert!(on_b.iter().all(|s| s.status == 200));
     assert_eq!(
         app.get(&sse_path(c)).await.status(),
         503,
         "instance connection limit"
     );
+    // b delivers something, so it is a live session that keeps its grace period.
+    let to_b = format!("/api/v1/chats/{b}/messages");
+    assert_eq!(app.post(&to_b, &chat("p", 0)).await.status(), 202);
+    for viewer in &mut on_b {
+        viewer.messages(1).await;
+    }
     drop(on_b);
     wait_until("b's connections are released", || async {
         app.ready_field("connections").await == 2

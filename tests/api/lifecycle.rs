@@ -66,10 +66,15 @@ async fn unwatched_session_is_freed_after_the_grace_period() {
     let redis = RedisServer::start().await;
     let app = TestApp::spawn(Some(&redis), &[("SESSION_GRACE_MS", "300")]).await;
     let room = Uuid::new_v4();
-    let viewers = join_all((0..2).map(|_| app.connect(room))).await;
+    let mut viewers = join_all((0..2).map(|_| app.connect(room))).await;
     assert_eq!(redis.numsub(&room.to_string()).await, 1);
     assert_eq!(app.ready_field("sessions").await, 1);
     assert_eq!(app.ready_field("connections").await, 2);
+    // A live session (it delivered something) gets the grace period.
+    redis.publish(&room.to_string(), &chat("p1", 0)).await;
+    for viewer in &mut viewers {
+        viewer.messages(1).await;
+    }
 
     drop(viewers);
     wait_until("the session is freed and unsubscribed", || async {

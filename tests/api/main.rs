@@ -7,6 +7,7 @@ mod billing;
 mod chaos;
 mod delivery;
 mod faults;
+mod hostile;
 mod lifecycle;
 mod model;
 mod publish_api;

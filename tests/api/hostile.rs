@@ -1,0 +1,216 @@
+//! What one client can make the server hold, and what that costs everyone else: per
+//! client stream caps (believing forwarded addresses only from trusted proxies),
+//! session creation budgets, sessions abandoned at once, half-sent requests, and
+//! connects while Redis is down.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use futures::future::join_all;
+use uuid::Uuid;
+
+use crate::common::{RedisServer, TestApp, WAIT, sse_path, wait_until};
+
+/// A stream request from source address `from`, with extra headers; the response is
+/// kept open by the caller for as long as it wants the stream held.
+async fn open(
+    app: &TestApp,
+    from: &str,
+    room: Uuid,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let client = reqwest::Client::builder()
+        .local_address(from.parse::<IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let mut request = client.get(app.url(&sse_path(room)));
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    tokio::time::timeout(WAIT, request.send())
+        .await
+        .expect("an answer")
+        .unwrap()
+}
+
+async fn refused_as_too_many(response: reqwest::Response) {
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "TOO_MANY_REQUESTS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_every_stream_slot() {
+    let app = TestApp::spawn(
+        None,
+        &[("MAX_STREAMS_PER_CLIENT", "3"), ("TRUSTED_PROXIES", "none")],
+    )
+    .await;
+    let room = Uuid::new_v4();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let r = open(&app, "127.0.0.1", room, &[]).await;
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    refused_as_too_many(open(&app, "127.0.0.1", room, &[]).await).await;
+    // Another address is not affected, and a slot freed is a slot back.
+    assert_eq!(open(&app, "127.0.0.2", room, &[]).await.status(), 200);
+    drop(held.pop());
+    wait_until("the slot is released", || async {
+        open(&app, "127.0.0.1", room, &[]).await.status() == 200
+    })
+    .await;
+    assert_eq!(
+        app.metric(r#"chat_sync_connections_rejected_total{reason="max_streams_per_client"}"#)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let app = TestApp::spawn(
+        None,
+        &[
+            ("MAX_STREAMS_PER_CLIENT", "2"),
+            ("TRUSTED_PROXIES", "127.0.0.1/32"),
+        ],
+    )
+    .await;
+    let room = Uuid::new_v4();
+    let xff = |ip: &'static str| [("x-forwarded-for", ip)];
+    let mut held = Vec::new();
+    // Through the trusted proxy (127.0.0.1) each viewer is its forwarded address.
+    for _ in 0..2 {
+        held.push(open(&app, "127.0.0.1", room, &xff("198.51.100.1")).await);
+    }
+    assert!(held.iter().all(|r| r.status() == 200));
+    refused_as_too_many(open(&app, "127.0.0.1", room, &xff("198.51.100.1")).await).await;
+    held.push(open(&app, "127.0.0.1", room, &xff("198.51.100.2")).await);
+    assert_eq!(
+        held.last().unwrap().status(),
+        200,
+        "another viewer behind the proxy"
+    );
+    // A client that is not a trusted proxy cannot pick its address: its headers are
+    // ignored and it counts as itself.
+    for ip in ["203.0.113.1", "203.0.113.2"] {
+        held.push(open(&app, "127.0.0.2", room, &xff(ip)).await);
+        assert_eq!(held.last().unwrap().status(), 200);
+    }
+    refused_as_too_many(open(&app, "127.0.0.2", room, &xff("203.0.113.3")).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_close_churn_cannot_fill_the_session_table() {
+    let app = TestApp::spawn(
+        None,
+        &[
+            ("MAX_SESSIONS", "21"),
+            ("SESSION_GRACE_MS", "3600000"),
+            ("NEW_SESSIONS_PER_CLIENT", "1000"),
+        ],
+    )
+    .await;
+    // A real session delivers something, then its viewer leaves: it keeps the
+    // grace period.
+    let kept = Uuid::new_v4();
+    let mut viewer = app.connect(kept).await;
+    let path = format!("/api/v1/chats/{kept}/messages");
+    assert_eq!(app.post(&path, r#"{"id":"p"}"#).await.status(), 202);
+    viewer.messages(1).await;
+    drop(viewer);
+    // 100 sessions opened and closed at once, five times the table's size.
+    for _ in 0..5 {
+        let churn = join_all((0..20).map(|_| app.connect(Uuid::new_v4()))).await;
+        assert!(
+            churn.iter().all(|v| v.status == 200),
+            "room was made each time"
+        );
+        drop(churn);
+        wait_until("abandoned sessions are freed", || async {
+            app.ready_field("sessions").await == 1
+        })
+        .await;
+    }
+    assert_eq!(app.connect(Uuid::new_v4()).await.status, 200);
+    assert_eq!(
+        app.connect(kept).await.status,
+        200,
+        "the kept session is still there"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_are_rate_limited_per_client() {
+    const RATE: f64 = 2.0;
+    let app = TestApp::spawn(None, &[("NEW_SESSIONS_PER_CLIENT", "2")]).await;
+    let started = Instant::now();
+    let mut admitted = 0.0;
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let r = open(&app, "127.0.0.1", Uuid::new_v4(), &[]).await;
+        if r.status() == 200 {
+            admitted += 1.0;
+            held.push(r);
+        } else {
+            refused_as_too_many(r).await;
+        }
+    }
+    // A burst of ten times the rate, then the rate; however long this took.
+    let allowed = RATE * 10.0 + started.elapsed().as_secs_f64() * RATE + 1.0;
+    assert!(admitted >= RATE * 10.0, "{admitted}: the burst is allowed");
+    assert!(
+        admitted <= allowed,
+        "{admitted} admitted, {allowed} allowed"
+    );
+    // Other addresses have their own budget; existing sessions are not limited.
+    assert_eq!(
+        open(&app, "127.0.0.2", Uuid::new_v4(), &[]).await.status(),
+        200
+    );
+    let existing = held[0]
+        .url()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(open(&app, "127.0.0.1", existing, &[]).await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_while_redis_is_down_are_answered_at_once() {
+    let mut redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let watched = Uuid::new_v4();
+    let mut viewer = app.connect(watched).await;
+    redis.kill();
+    wait_until("/readyz reports the broker down", || async {
+        app.get("/readyz").await.status() == 503
+    })
+    .await;
+    // Twenty new sessions at once: each gets its 503 now, none waits for Redis (one
+    // after the other, they used to wait five seconds each).
+    let paths: Vec<String> = (0..20).map(|_| sse_path(Uuid::new_v4())).collect();
+    let refused = join_all(paths.iter().map(|p| tokio::time::timeout(WAIT, app.get(p)))).await;
+    for r in refused {
+        let r = r.expect("answered, not left waiting");
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    redis.restart().await;
+    app.wait_ready().await;
+    assert_eq!(app.connect(Uuid::new_v4()).await.status, 200);
+    redis.publish(&watched.to_string(), "after").await;
+    loop {
+        let event = viewer.next_event().await.expect("the stream stayed open");
+        if event.event == "message" {
+            assert_eq!(crate::common::batch(&event), vec!["after".to_string()]);
+            break;
+        }
+    }
+}
