@@ -19,7 +19,7 @@ use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::net::StreamListener;
 use crate::registry::{Limits, Registry};
-use crate::server;
+use crate::server::{self, Pending};
 use crate::session::Sessions;
 
 /// Listen backlog: large, so that thousands of viewers reconnecting at once after a
@@ -69,6 +69,7 @@ impl Application {
             heartbeat: config.heartbeat,
             usage: billing.clone(),
         };
+        raise_file_limit(&config);
         let listener = bind(SocketAddr::new(config.bind, config.port))
             .with_context(|| format!("cannot listen on {}:{} (PORT)", config.bind, config.port))?;
         tracing::info!(
@@ -83,6 +84,11 @@ impl Application {
             state: AppState {
                 registry,
                 broker,
+                pending: Pending::new(
+                    config.max_pending_connections,
+                    metrics.pending_connections.clone(),
+                    metrics.pending_evicted.clone(),
+                ),
                 metrics,
                 config,
             },
@@ -116,10 +122,13 @@ impl Application {
         tasks.spawn(ticker.run(background.clone()));
         tasks.spawn(billing.clone().run(background.clone()));
 
+        let header_timeout = state.config.header_timeout;
+        let pending = state.pending.clone();
         let listener = StreamListener::new(
             listener,
             state.config.slow_client_timeout,
             state.metrics.slow_subscribers.clone(),
+            state.metrics.accept_errors.clone(),
         );
         let (drain, abort) = (CancellationToken::new(), CancellationToken::new());
         let connections = TaskTracker::new();
@@ -129,6 +138,8 @@ impl Application {
             drain.clone(),
             abort.clone(),
             connections.clone(),
+            header_timeout,
+            pending,
         ));
 
         shutdown.await;
@@ -162,6 +173,25 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Descriptors kept beyond the connection limits: Redis, the tenant, logs, the reserve.
+const FD_RESERVE: usize = 64;
+
+/// Each viewer and each pending connection is a file descriptor: raises the soft limit
+/// as far as the hard one allows, and says so if the limits cannot all be met.
+fn raise_file_limit(config: &Config) {
+    let wanted = (config.max_connections + config.max_pending_connections + FD_RESERVE) as u64;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            limit,
+            wanted,
+            "the file descriptor limit is below MAX_CONNECTIONS + MAX_PENDING_CONNECTIONS \
+             + {FD_RESERVE}: raise it (LimitNOFILE, ulimit -n) or lower those"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the file descriptor limit"),
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub usage_captured: Counter,
     pub billing_requests: Family<Outcome, Counter>,
     pub billing_pending: Gauge,
+    pub pending_connections: Gauge,
+    pub pending_evicted: Counter,
+    pub accept_errors: Counter,
     pub billing_uncounted: Gauge,
     pub billing_flushes: Counter,
     pub billing_dropped: Counter,
@@ -73,6 +76,9 @@ impl Metrics {
             usage_captured: Counter::default(),
             billing_requests: Family::default(),
             billing_pending: Gauge::default(),
+            pending_connections: Gauge::default(),
+            pending_evicted: Counter::default(),
+            accept_errors: Counter::default(),
             billing_uncounted: Gauge::default(),
             billing_flushes: Counter::default(),
             billing_dropped: Counter::default(),
@@ -81,6 +87,21 @@ impl Metrics {
         };
         let r = &mut registry;
         r.register("connections", "Open SSE connections", m.connections.clone());
+        r.register(
+            "pending_connections",
+            "Connections accepted whose first request head is not complete yet",
+            m.pending_connections.clone(),
+        );
+        r.register(
+            "pending_connections_evicted",
+            "Connections without a complete request head closed to admit newer ones",
+            m.pending_evicted.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failed accepts (out of file descriptors...)",
+            m.accept_errors.clone(),
+        );
         r.register(
             "sessions",
             "Sessions live on this instance",

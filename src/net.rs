@@ -6,6 +6,7 @@
 //! its stream and so never sees it lag.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -13,9 +14,9 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// Detects peers that disappeared without a FIN or RST (power loss, NAT timeout).
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -28,21 +29,59 @@ pub struct StreamListener {
     stall_limit: Duration,
     /// Counts viewers dropped for not reading.
     stalled: Counter,
+    /// Counts failed accepts.
+    errors: Counter,
+    /// One descriptor held back: when the process runs out, it is given up to accept
+    /// and close a waiting connection, so clients are told at once instead of waiting
+    /// in the backlog, and the accept loop does not spin.
+    reserve: std::sync::Mutex<Option<std::fs::File>>,
+    last_warning: std::sync::Mutex<Option<Instant>>,
 }
 
+/// Accept failures are logged at most this often (they come in floods).
+const ACCEPT_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
 impl StreamListener {
-    pub fn new(inner: TcpListener, stall_limit: Duration, stalled: Counter) -> Self {
+    pub fn new(
+        inner: TcpListener,
+        stall_limit: Duration,
+        stalled: Counter,
+        errors: Counter,
+    ) -> Self {
         Self {
             inner,
             stall_limit,
             stalled,
+            errors,
+            reserve: std::sync::Mutex::new(std::fs::File::open("/dev/null").ok()),
+            last_warning: std::sync::Mutex::new(None),
         }
     }
-}
 
-impl StreamListener {
-    /// The next connection; accept errors (out of file descriptors...) are logged and
-    /// retried after a pause instead of spinning.
+    /// After a failed accept: logs (rate-limited) and, when out of descriptors, uses
+    /// the reserve to turn one waiting connection away.
+    async fn accept_failed(&self, error: io::Error) {
+        self.errors.inc();
+        {
+            let mut last = self.last_warning.lock().unwrap();
+            if last.is_none_or(|at| at.elapsed() >= ACCEPT_WARNING_INTERVAL) {
+                *last = Some(Instant::now());
+                tracing::warn!(%error, failed = self.errors.get(), "accept failed");
+            }
+        }
+        // EMFILE (the process's limit) or ENFILE (the system's), as Linux numbers them.
+        let out_of_descriptors = matches!(error.raw_os_error(), Some(24 | 23));
+        if out_of_descriptors && self.reserve.lock().unwrap().take().is_some() {
+            if let Some(Ok((tcp, _))) = futures::FutureExt::now_or_never(self.inner.accept()) {
+                drop(tcp);
+            }
+            *self.reserve.lock().unwrap() = std::fs::File::open("/dev/null").ok();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    /// The next connection; accept errors (out of file descriptors...) are counted,
+    /// logged now and then, and retried after a short pause instead of spinning.
     pub async fn accept(&self) -> (GuardedStream, SocketAddr) {
         loop {
             match self.inner.accept().await {
@@ -56,10 +95,7 @@ impl StreamListener {
                     };
                     return (io, addr);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(e) => self.accept_failed(e).await,
             }
         }
     }
@@ -92,9 +128,32 @@ pub struct GuardedStream {
 }
 
 impl GuardedStream {
-    /// Reads without consuming (to route the first request).
-    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.io.peek(buf).await
+    /// Peeks at the first bytes once more than `seen` of them have arrived (to route
+    /// the first request without consuming it); 0 once the peer has closed without
+    /// sending more. Waits on readiness, never polls: bytes that are there but not
+    /// enough clear the readiness, so the next wait is for new bytes or the close.
+    pub async fn peek_more(&self, buf: &mut [u8], seen: usize) -> io::Result<usize> {
+        loop {
+            let ready = self.io.ready(Interest::READABLE).await?;
+            let peeked = self.io.try_io(Interest::READABLE, || {
+                // SAFETY: viewing initialized bytes as possibly uninitialized is sound,
+                // and the kernel writes only initialized bytes into them.
+                let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+                match SockRef::from(&self.io).peek(uninit)? {
+                    n if n > seen || n == 0 => Ok(n),
+                    _ => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            });
+            match peeked {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if ready.is_read_closed() {
+                        return Ok(0);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Resolves when the peer has closed its side or the connection failed; data it

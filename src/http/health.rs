@@ -39,6 +39,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         "shuttingDown": closing,
         "sessions": state.registry.session_count(),
         "connections": state.registry.connection_count(),
+        "pendingConnections": state.pending.count(),
     });
     (status, Json(body))
 }

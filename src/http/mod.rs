@@ -19,12 +19,15 @@ use crate::config::{Config, CorsOrigins};
 use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::server::Pending;
 
 /// Handles shared by every request handler.
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub broker: Broker,
+    /// Connections without a complete request head yet (for `/readyz`).
+    pub pending: Arc<Pending>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<Config>,
 }

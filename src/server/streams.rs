@@ -9,17 +9,17 @@
 //! comes, delimited by closing the connection (`Connection: close`), which is how
 //! EventSource expects a stream to end anyway.
 
-use std::time::Duration;
-
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, Response, header};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::pending::PendingGuard;
 use crate::net::{GuardedStream, PeerAddr};
 
 /// Requests for a stream start with this; everything else goes to hyper.
@@ -28,34 +28,48 @@ pub const PREFIX: &[u8] = b"GET /api/v1/chats/sse-connect/";
 const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
-/// Whether the connection's first request is for a stream, without consuming it.
-pub async fn is_stream_request(io: &GuardedStream, timeout: Duration) -> bool {
-    let mut peeked = [0u8; PREFIX.len()];
-    let probe = async {
-        loop {
-            let n = io.peek(&mut peeked).await.unwrap_or(0);
-            if n == 0 || !PREFIX.starts_with(&peeked[..n]) {
-                return false;
-            }
-            if n == PREFIX.len() {
-                return true;
-            }
-            // A request arriving in pieces: wait for more.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(timeout, probe).await.unwrap_or(false)
+/// Where a connection goes, by its first bytes.
+pub enum Route {
+    /// A stream request: served here.
+    Stream,
+    /// Anything else: served by hyper.
+    Other,
+    /// The client closed, or failed, before saying enough.
+    Closed,
 }
 
-/// Serves one stream request, then closes the connection.
+/// Routes the connection by its first request, without consuming it. Waits for bytes
+/// to arrive (never polls), so a client that sends a prefix of the stream path and
+/// stalls costs nothing while it waits, and one that closes is let go at once.
+pub async fn route(io: &GuardedStream) -> Route {
+    let mut peeked = [0u8; PREFIX.len()];
+    let mut seen = 0;
+    loop {
+        match io.peek_more(&mut peeked, seen).await {
+            Ok(0) | Err(_) => return Route::Closed,
+            Ok(n) if !PREFIX.starts_with(&peeked[..n]) => return Route::Other,
+            Ok(n) if n == PREFIX.len() => return Route::Stream,
+            Ok(n) => seen = n,
+        }
+    }
+}
+
+/// Serves one stream request, then closes the connection. The request head must be
+/// complete by `deadline` (the connection's header timeout, counted from accept); the
+/// connection leaves the pending table once it is.
 pub async fn serve(
     mut io: GuardedStream,
     peer: PeerAddr,
     router: Router,
     abort: CancellationToken,
-    timeout: Duration,
+    deadline: Instant,
+    pending: PendingGuard,
 ) {
-    let Ok(Some(mut request)) = tokio::time::timeout(timeout, read_request(&mut io)).await else {
+    let parsed = tokio::select! {
+        parsed = tokio::time::timeout_at(deadline, read_request(&mut io)) => parsed,
+        () = pending.evicted() => return,
+    };
+    let Ok(Some(mut request)) = parsed else {
         let _ = io
             .write_all(
                 b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
@@ -63,6 +77,7 @@ pub async fn serve(
             .await;
         return;
     };
+    drop(pending);
     request.extensions_mut().insert(ConnectInfo(peer));
     let Ok(response) = router.oneshot(request).await;
     let (parts, body) = response.into_parts();

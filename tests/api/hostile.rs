@@ -4,9 +4,10 @@
 //! connects while Redis is down.
 
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::common::{RedisServer, TestApp, WAIT, sse_path, wait_until};
@@ -213,4 +214,94 @@ async fn connects_while_redis_is_down_are_answered_at_once() {
             break;
         }
     }
+}
+
+/// A raw connection that sends `bytes` and then nothing.
+async fn half_sent(app: &TestApp, bytes: &[u8]) -> tokio::net::TcpStream {
+    let addr = app.base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(bytes).await.unwrap();
+    tcp
+}
+
+/// Whether the server closes `tcp` (reads reach the end) within the harness's wait.
+async fn closed_by_server(mut tcp: tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_let_go_as_soon_as_the_client_closes() {
+    // A header timeout far beyond the test: only noticing the close can free them.
+    let app = TestApp::spawn(None, &[("HEADER_TIMEOUT_MS", "600000")]).await;
+    let held = join_all((0..100).map(|_| half_sent(&app, b"G"))).await;
+    wait_until("all 100 are pending", || async {
+        app.ready_field("pendingConnections").await == 100
+    })
+    .await;
+    drop(held);
+    wait_until("the server let them all go", || async {
+        app.ready_field("pendingConnections").await == 0
+    })
+    .await;
+    // A prefix of the stream path, then a close: the same.
+    let held = join_all((0..20).map(|_| half_sent(&app, b"GET /api/v1/chats/sse-"))).await;
+    drop(held);
+    wait_until("the server let those go too", || async {
+        app.ready_field("pendingConnections").await == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_header_timeout_closes_a_stalled_request_on_either_path() {
+    let app = TestApp::spawn(None, &[("HEADER_TIMEOUT_MS", "300")]).await;
+    let stream = half_sent(&app, b"GET /api/v1/chats/sse-connect/").await;
+    let other = half_sent(&app, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    let silent = half_sent(&app, b"").await;
+    assert!(closed_by_server(stream).await, "the stream path");
+    assert!(closed_by_server(other).await, "hyper's path");
+    assert!(
+        closed_by_server(silent).await,
+        "a connection that says nothing"
+    );
+    assert_eq!(app.ready_field("pendingConnections").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_connections_are_bounded_and_health_checks_still_answer() {
+    let app = TestApp::spawn(
+        None,
+        &[
+            ("MAX_PENDING_CONNECTIONS", "10"),
+            ("HEADER_TIMEOUT_MS", "600000"),
+        ],
+    )
+    .await;
+    let _held = join_all((0..50).map(|_| half_sent(&app, b"GET /api/v1/"))).await;
+    wait_until("the oldest made room for the newest", || async {
+        app.metric("chat_sync_pending_connections_evicted_total")
+            .await
+            >= 40.0
+    })
+    .await;
+    assert!(app.metric("chat_sync_pending_connections").await <= 10.0);
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    let mut viewer = app.connect(Uuid::new_v4()).await;
+    assert_eq!(viewer.status, 200, "viewers get in too");
+    assert!(
+        viewer
+            .next_event_within(Duration::from_millis(10))
+            .await
+            .is_none_or(|e| e.is_some())
+    );
 }
