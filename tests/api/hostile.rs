@@ -4,7 +4,7 @@
 //! connects while Redis is down.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::future::join_all;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -296,12 +296,6 @@ async fn pending_connections_are_bounded_and_health_checks_still_answer() {
     .await;
     assert!(app.metric("chat_sync_pending_connections").await <= 10.0);
     assert_eq!(app.get("/healthz").await.status(), 200);
-    let mut viewer = app.connect(Uuid::new_v4()).await;
+    let viewer = app.connect(Uuid::new_v4()).await;
     assert_eq!(viewer.status, 200, "viewers get in too");
-    assert!(
-        viewer
-            .next_event_within(Duration::from_millis(10))
-            .await
-            .is_none_or(|e| e.is_some())
-    );
 }
