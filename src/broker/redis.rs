@@ -75,7 +75,12 @@ impl RedisBroker {
         let manager = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| BrokerError::Command(e.to_string()))?;
         let (commands, rx) = mpsc::unbounded_channel();
-        tasks.spawn(run_commands(manager.clone(), rx, token.clone()));
+        tasks.spawn(run_commands(
+            manager.clone(),
+            rx,
+            connected.clone(),
+            token.clone(),
+        ));
         tasks.spawn(run_health(manager.clone(), connected.clone(), token));
         Ok(Self {
             commands,
@@ -173,40 +178,95 @@ fn on_push(sink: &Sink, connected: &AtomicBool, push: PushInfo) {
     }
 }
 
-/// Applies (un)subscribes strictly in request order. A failed unsubscribe is retried
-/// in place, so a later subscribe of the same session can never be overtaken by it.
+/// Most (un)subscribes sent in one command.
+const BATCH: usize = 512;
+
+/// Applies (un)subscribes in request order, a run of the same kind as one command.
+/// Nothing waits behind Redis: while it is down a subscribe fails at once (the connect
+/// gets a quick 503) and an unsubscribe is deferred, retried first thing later (before
+/// anything requested after it) until it goes through, unless a later subscribe of the
+/// same session supersedes it.
 async fn run_commands(
     mut manager: ConnectionManager,
     mut rx: mpsc::UnboundedReceiver<Command>,
+    connected: Arc<AtomicBool>,
     token: CancellationToken,
 ) {
+    let mut deferred: Vec<Uuid> = Vec::new();
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let command = tokio::select! {
+        let mut batch: Vec<Command> = Vec::new();
+        tokio::select! {
             _ = token.cancelled() => break,
-            c = rx.recv() => match c { Some(c) => c, None => break },
-        };
-        match command {
-            Command::Subscribe(session, ack) => {
-                let channels = [chat_channel(session), end_channel(session)];
-                let result = with_timeout(manager.subscribe(&channels)).await;
-                if let Err(e) = &result {
-                    tracing::warn!(%session, error = %e, "subscribe failed");
-                }
-                let _ = ack.send(result);
+            command = rx.recv() => match command {
+                Some(c) => batch.push(c),
+                None => break,
+            },
+            _ = retry.tick(), if !deferred.is_empty() => {}
+        }
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
             }
-            Command::Unsubscribe(session) => {
-                let channels = [chat_channel(session), end_channel(session)];
-                while let Err(e) = with_timeout(manager.unsubscribe(&channels)).await {
-                    tracing::warn!(%session, error = %e, "unsubscribe failed; retrying");
-                    tokio::select! {
-                        _ = token.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let mut ops: Vec<Command> = deferred.drain(..).map(Command::Unsubscribe).collect();
+        ops.extend(batch);
+        while !ops.is_empty() {
+            let subscribing = matches!(ops[0], Command::Subscribe(..));
+            let len = ops
+                .iter()
+                .take_while(|c| matches!(c, Command::Subscribe(..)) == subscribing)
+                .count();
+            let run: Vec<Command> = ops.drain(..len).collect();
+            let up = connected.load(Ordering::Acquire);
+            if subscribing {
+                let sessions: Vec<Uuid> = run.iter().map(Command::session).collect();
+                deferred.retain(|s| !sessions.contains(s));
+                let result = if up {
+                    with_timeout(manager.subscribe(&channels(&sessions))).await
+                } else {
+                    Err(BrokerError::Unavailable)
+                };
+                if let Err(e) = &result {
+                    tracing::warn!(sessions = sessions.len(), error = %e, "subscribe failed");
+                }
+                for command in run {
+                    if let Command::Subscribe(_, ack) = command {
+                        let _ = ack.send(result.clone());
                     }
+                }
+            } else {
+                let sessions: Vec<Uuid> = run.iter().map(Command::session).collect();
+                let done = up
+                    && with_timeout(manager.unsubscribe(&channels(&sessions)))
+                        .await
+                        .is_ok();
+                if !done {
+                    tracing::debug!(sessions = sessions.len(), "unsubscribe deferred");
+                    deferred.extend(sessions);
                 }
             }
         }
     }
     tracing::debug!("redis command task stopped");
+}
+
+impl Command {
+    fn session(&self) -> Uuid {
+        match self {
+            Self::Subscribe(s, _) | Self::Unsubscribe(s) => *s,
+        }
+    }
+}
+
+/// Both channels of each session.
+fn channels(sessions: &[Uuid]) -> Vec<String> {
+    sessions
+        .iter()
+        .flat_map(|s| [chat_channel(*s), end_channel(*s)])
+        .collect()
 }
 
 /// PINGs through the manager: marks the broker ready when Redis answers, and makes the

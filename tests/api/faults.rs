@@ -434,3 +434,42 @@ async fn sigterm_ends_every_stream_and_exits_within_the_drain_time() {
         assert!(viewer.next_event().await.is_none(), "then the stream ends");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_freed_while_redis_is_down_are_unsubscribed_once_it_is_back() {
+    let mut redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let rooms: Vec<Uuid> = (0..10).map(|_| Uuid::new_v4()).collect();
+    let viewers = join_all(rooms.iter().map(|r| app.connect(*r))).await;
+    redis.kill();
+    wait_until("/readyz reports the broker down", || async {
+        app.get("/readyz").await.status() == 503
+    })
+    .await;
+    // Their viewers leave while Redis is down: the sessions are freed here, and the
+    // unsubscribes wait for Redis without holding anything else up.
+    drop(viewers);
+    wait_until("the sessions are freed", || async {
+        app.ready_field("sessions").await == 0
+    })
+    .await;
+    assert_eq!(app.get(&sse_path(Uuid::new_v4())).await.status(), 503);
+
+    redis.restart().await;
+    app.wait_ready().await;
+    let room = Uuid::new_v4();
+    let mut viewer = app.connect(room).await;
+    assert_eq!(viewer.status, 200);
+    wait_until("the freed sessions are unsubscribed in Redis", || async {
+        for r in &rooms {
+            if redis.numsub(&r.to_string()).await != 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(redis.numsub(&room.to_string()).await, 1);
+    redis.publish(&room.to_string(), &chat("p", 0)).await;
+    assert_eq!(viewer.messages(1).await, vec![chat("p", 0)]);
+}
