@@ -21,6 +21,14 @@ use twox_hash::XxHash3_64;
 /// Redis is down, so only a store that refuses writes for long can fill it.
 pub const MAX_UNACCOUNTED: usize = 65_536;
 
+/// One report to the tenant: a count taken from the store, and the key that names it
+/// however often it is sent.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub count: u64,
+    pub key: String,
+}
+
 #[derive(Debug, Default)]
 pub struct Ledger {
     /// Captured here, not yet counted by the store; oldest first.
@@ -34,6 +42,8 @@ pub struct Ledger {
     pub unacked: Option<u64>,
     /// Taken and refused by the tenant (given back to the store): shown as pending.
     pub refused: u64,
+    /// Sent without an answer: sent again as it was, before anything new is taken.
+    pub unanswered: Option<Report>,
     /// Something may be waiting in the store for this session: take it next round.
     pub dirty: bool,
     /// The session was freed here: forget it once nothing is left to settle.
@@ -105,12 +115,18 @@ impl Ledger {
 
     /// Captured here and not yet accepted by the tenant, as far as this instance knows.
     pub fn pending(&self) -> u64 {
-        self.unaccounted.len() as u64 + self.refused + self.unacked.unwrap_or(0)
+        self.unaccounted.len() as u64
+            + self.refused
+            + self.unacked.unwrap_or(0)
+            + self.unanswered.as_ref().map_or(0, |r| r.count)
     }
 
     /// Nothing left here to count, settle or take.
     pub fn is_settled(&self) -> bool {
-        self.unaccounted.is_empty() && self.unacked.is_none() && !self.dirty
+        self.unaccounted.is_empty()
+            && self.unacked.is_none()
+            && self.unanswered.is_none()
+            && !self.dirty
     }
 }
 

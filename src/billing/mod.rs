@@ -17,6 +17,7 @@ mod ledger;
 mod store;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::fanout::Usage;
 use crate::metrics::{Metrics, Outcome};
-use ledger::Ledger;
+use ledger::{Ledger, Report};
 use store::UsageStore;
 
 /// Requests to the tenant in flight at once during a round.
@@ -53,7 +54,11 @@ enum Answer {
     Accepted,
     /// `404`/`410`: the tenant does not know this session; retrying cannot help.
     UnknownSession,
-    Failed,
+    /// An error status, or no connection: not counted; the count goes back to pending.
+    Refused,
+    /// Sent, but no answer (timeout, connection lost): it may have been counted, so
+    /// the same report is sent again, with the same key.
+    Lost,
 }
 
 pub struct Billing {
@@ -62,6 +67,9 @@ pub struct Billing {
     /// `{TENANT_BASE_URL}/api/v1/billings`; `None`: count in metrics, send nothing.
     endpoint: Option<String>,
     store: UsageStore,
+    /// Names this process in idempotency keys.
+    owner: String,
+    reports_sent: AtomicU64,
     flush: Duration,
     /// How long fingerprints are remembered, here and in the store.
     window: Duration,
@@ -78,7 +86,7 @@ impl Billing {
         // Outlives a report in flight and a few missed refreshes.
         let alive_ttl = flush * 3 + config.billing_timeout + Duration::from_secs(2);
         let store = match &config.redis {
-            Some(info) => UsageStore::redis(info.clone(), owner, alive_ttl)?,
+            Some(info) => UsageStore::redis(info.clone(), owner.clone(), alive_ttl)?,
             None => UsageStore::local(),
         };
         Ok(Self {
@@ -92,6 +100,8 @@ impl Billing {
                 .as_ref()
                 .map(|base| format!("{base}/api/v1/billings")),
             store,
+            owner,
+            reports_sent: AtomicU64::new(0),
             flush,
             window: (flush * 10).max(MIN_DEDUP_WINDOW),
             metrics,
@@ -187,13 +197,55 @@ impl Billing {
         self.update_pending();
     }
 
-    /// One round of reports: settles answers not yet recorded, takes what is pending
-    /// for this instance's sessions (and some left by others), reports each to the
-    /// tenant and records the answers. False if anything must be retried.
+    /// One round of reports: records answers not yet recorded, sends again the reports
+    /// whose answer was lost, takes what is pending for this instance's sessions (and
+    /// some left by others), reports it and records the answers. False if anything
+    /// must be retried.
     async fn report(self: Arc<Self>) -> bool {
         let Some(endpoint) = &self.endpoint else {
             return true;
         };
+        if !self.settle_unacked().await {
+            return false;
+        }
+        let (mut reports, sessions) = self.due().await;
+        let taken = match self.store.take(&sessions).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::warn!(error = %e, "usage store unavailable; reporting later");
+                return false;
+            }
+        };
+        {
+            let mut ledgers = self.ledgers.lock().unwrap();
+            for (session, count) in sessions.into_iter().zip(taken) {
+                if count == 0 {
+                    // Nothing left, or another instance reports it now.
+                    if let Some(l) = ledgers.get_mut(&session) {
+                        l.dirty = false;
+                        l.refused = 0;
+                    }
+                } else {
+                    let n = self.reports_sent.fetch_add(1, Ordering::Relaxed);
+                    let key = format!("{}:{session}:{n}", self.owner);
+                    reports.push((session, Report { count, key }));
+                }
+            }
+        }
+        let this = &self;
+        let answers: Vec<(Uuid, Report, Answer)> = futures::stream::iter(reports)
+            .map(|(session, report)| async move {
+                let answer = this.send(endpoint, session, &report).await;
+                (session, report, answer)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        self.record(answers).await
+    }
+
+    /// Records reports the tenant answered whose settling the store missed.
+    async fn settle_unacked(&self) -> bool {
         let unacked: Vec<Uuid> = {
             let ledgers = self.ledgers.lock().unwrap();
             ledgers
@@ -206,83 +258,90 @@ impl Billing {
             tracing::warn!(error = %e, "usage store unavailable; settling later");
             return false;
         }
-        let mut sessions: Vec<Uuid> = {
-            let mut ledgers = self.ledgers.lock().unwrap();
-            for s in &unacked {
-                if let Some(l) = ledgers.get_mut(s) {
-                    l.unacked = None;
-                }
+        let mut ledgers = self.ledgers.lock().unwrap();
+        for s in &unacked {
+            if let Some(l) = ledgers.get_mut(s) {
+                l.unacked = None;
             }
-            ledgers
+        }
+        true
+    }
+
+    /// Reports to send again as they were, and sessions to take usage from.
+    async fn due(&self) -> (Vec<(Uuid, Report)>, Vec<Uuid>) {
+        let (again, mut sessions): (Vec<(Uuid, Report)>, Vec<Uuid>) = {
+            let ledgers = self.ledgers.lock().unwrap();
+            let again = ledgers
                 .iter()
-                .filter(|(_, l)| l.dirty)
+                .filter_map(|(s, l)| l.unanswered.clone().map(|r| (*s, r)))
+                .collect();
+            let dirty = ledgers
+                .iter()
+                .filter(|(_, l)| l.dirty && l.unanswered.is_none())
                 .map(|(s, _)| *s)
-                .collect()
+                .collect();
+            (again, dirty)
         };
         match self.store.unsettled_sample().await {
             Ok(more) => {
                 for s in more {
-                    if !sessions.contains(&s) {
+                    if !sessions.contains(&s) && !again.iter().any(|(a, _)| *a == s) {
                         sessions.push(s);
                     }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot list unsettled usage"),
         }
-        let taken = match self.store.take(&sessions).await {
-            Ok(taken) => taken,
-            Err(e) => {
-                tracing::warn!(error = %e, "usage store unavailable; reporting later");
-                return false;
-            }
+        (again, sessions)
+    }
+
+    /// Settles what the tenant answered for good, gives back what it refused, and keeps
+    /// what got no answer to send again as it was.
+    async fn record(&self, answers: Vec<(Uuid, Report, Answer)>) -> bool {
+        let of = |wanted: &[Answer]| -> Vec<Uuid> {
+            answers
+                .iter()
+                .filter(|(.., a)| wanted.contains(a))
+                .map(|(s, ..)| *s)
+                .collect()
         };
-        let reports: Vec<(Uuid, u64)> = sessions.into_iter().zip(taken).collect();
-        let this = &self;
-        let answers: Vec<(Uuid, u64, Answer)> = futures::stream::iter(reports)
-            .map(|(session, count)| async move {
-                let answer = if count == 0 {
-                    Answer::Accepted
-                } else {
-                    this.send(endpoint, session, count).await
-                };
-                (session, count, answer)
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect()
+        let settled = self
+            .store
+            .settle(&of(&[Answer::Accepted, Answer::UnknownSession]))
             .await;
-        let answered: Vec<Uuid> = answers
-            .iter()
-            .filter(|(_, n, a)| *n > 0 && *a != Answer::Failed)
-            .map(|(s, ..)| *s)
-            .collect();
-        let failed: Vec<Uuid> = answers
-            .iter()
-            .filter(|(_, _, a)| *a == Answer::Failed)
-            .map(|(s, ..)| *s)
-            .collect();
-        let settled = self.store.settle(&answered).await;
         if let Err(e) = &settled {
             tracing::warn!(error = %e, "could not record accepted reports; retrying");
         }
-        if let Err(e) = self.store.give_back(&failed).await {
+        let refused = of(&[Answer::Refused]);
+        if let Err(e) = self.store.give_back(&refused).await {
             // Ours stays in flight in the store; the next take includes it again.
-            tracing::warn!(error = %e, "could not give back failed reports");
+            tracing::warn!(error = %e, "could not give back refused reports");
         }
+        let mut all_done = settled.is_ok() && refused.is_empty();
         {
             let mut ledgers = self.ledgers.lock().unwrap();
-            for (session, count, answer) in &answers {
+            for (session, report, answer) in answers {
                 // Usage another instance left: tracked here only until it is settled.
-                let ledger = ledgers.entry(*session).or_insert_with(Ledger::orphan);
-                ledger.dirty = *count > 0;
-                ledger.refused = if *answer == Answer::Failed { *count } else { 0 };
-                if *count > 0 && *answer != Answer::Failed && settled.is_err() {
-                    ledger.unacked = Some(*count);
+                let ledger = ledgers.entry(session).or_insert_with(Ledger::orphan);
+                ledger.dirty = true;
+                ledger.refused = 0;
+                ledger.unanswered = None;
+                match answer {
+                    Answer::Accepted | Answer::UnknownSession if settled.is_err() => {
+                        ledger.unacked = Some(report.count);
+                    }
+                    Answer::Accepted | Answer::UnknownSession => {}
+                    Answer::Refused => ledger.refused = report.count,
+                    Answer::Lost => {
+                        all_done = false;
+                        ledger.unanswered = Some(report);
+                    }
                 }
             }
             ledgers.retain(|_, l| !(l.closed && l.is_settled() && l.refused == 0));
         }
         self.update_pending();
-        failed.is_empty() && settled.is_ok()
+        all_done
     }
 
     fn update_pending(&self) {
@@ -293,9 +352,19 @@ impl Billing {
         self.metrics.billing_uncounted.set(uncounted as i64);
     }
 
-    async fn send(&self, endpoint: &str, session: Uuid, count: u64) -> Answer {
+    /// Sends one report. Its `Idempotency-Key` is the same each time the same report
+    /// is sent again, so a tenant that honours the header counts it once even when an
+    /// answer was lost (the original tenant ignores it: at-least-once then).
+    async fn send(&self, endpoint: &str, session: Uuid, report: &Report) -> Answer {
+        let count = report.count;
         let body = serde_json::json!({ "sessionId": session, "count": count });
-        let result = self.client.post(endpoint).json(&body).send().await;
+        let result = self
+            .client
+            .post(endpoint)
+            .header("idempotency-key", &report.key)
+            .json(&body)
+            .send()
+            .await;
         let answer = match &result {
             Ok(r) if r.status().is_success() => Answer::Accepted,
             Ok(r) if matches!(r.status().as_u16(), 404 | 410) => {
@@ -304,17 +373,22 @@ impl Billing {
             }
             Ok(r) => {
                 tracing::warn!(%session, count, status = %r.status(), "billing request refused; will retry");
-                Answer::Failed
+                Answer::Refused
+            }
+            // Never connected: the tenant cannot have counted it.
+            Err(e) if e.is_connect() => {
+                tracing::warn!(%session, count, error = %e, "tenant unreachable; will retry");
+                Answer::Refused
             }
             Err(e) => {
-                tracing::warn!(%session, count, error = %e, "billing request failed; will retry");
-                Answer::Failed
+                tracing::warn!(%session, count, error = %e, "billing request got no answer; will send it again");
+                Answer::Lost
             }
         };
         let outcome = match answer {
             Answer::Accepted => "accepted",
             Answer::UnknownSession => "dropped",
-            Answer::Failed => "failed",
+            Answer::Refused | Answer::Lost => "failed",
         };
         self.metrics
             .billing_requests

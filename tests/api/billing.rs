@@ -327,3 +327,29 @@ async fn a_redis_that_lost_the_usage_store_is_reported() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_whose_answer_is_lost_is_sent_again_with_the_same_key() {
+    let redis = RedisServer::start().await;
+    let tenant = Tenant::start().await;
+    let base = tenant.base_url();
+    let vars = [
+        ("TENANT_BASE_URL", base.as_str()),
+        ("BILLING_FLUSH_MS", "50"),
+        ("BILLING_TIMEOUT_MS", "300"),
+    ];
+    let app = TestApp::spawn(Some(&redis), &vars).await;
+    let room = Uuid::new_v4();
+    let mut viewer = app.connect(room).await;
+    // The tenant counts the first report but answers after the client gave up.
+    tenant.answer_late(1, Duration::from_secs(2));
+    publish_paced(&redis, room, 0..100).await;
+    viewer.messages(100).await;
+    wait_until("the report was sent again", || async {
+        tenant.repeats() >= 1
+    })
+    .await;
+    publish_paced(&redis, room, 100..150).await;
+    viewer.messages(50).await;
+    assert_total_settles(&tenant, room, 150, &[&app]).await;
+}

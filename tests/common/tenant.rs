@@ -20,6 +20,13 @@ struct Shared {
     refused: Mutex<u64>,
     /// The status to answer with; 200 unless a test says otherwise.
     status: AtomicU16,
+    /// Idempotency keys of accepted reports: a report sent again is answered, not
+    /// counted again (as a tenant that honours the header would).
+    keys: Mutex<std::collections::HashSet<String>>,
+    /// Reports that get counted but whose answer comes only after this long.
+    slow: Mutex<Option<(usize, std::time::Duration)>>,
+    /// Reports that came again with a key already counted.
+    repeats: AtomicU16,
 }
 
 pub struct Tenant {
@@ -97,6 +104,17 @@ impl Tenant {
     pub fn refused(&self) -> u64 {
         *self.shared.refused.lock().unwrap()
     }
+
+    /// The next `n` reports are counted, but answered only after `delay` (longer than
+    /// the client waits: the answer is lost).
+    pub fn answer_late(&self, n: usize, delay: std::time::Duration) {
+        *self.shared.slow.lock().unwrap() = Some((n, delay));
+    }
+
+    /// Reports received again with a key already counted.
+    pub fn repeats(&self) -> u16 {
+        self.shared.repeats.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Tenant {
@@ -107,6 +125,7 @@ impl Drop for Tenant {
 
 async fn billings(
     State(shared): State<Arc<Shared>>,
+    headers: axum::http::HeaderMap,
     Json(body): Json<serde_json::Value>,
 ) -> StatusCode {
     let status = StatusCode::from_u16(shared.status.load(Ordering::SeqCst)).unwrap();
@@ -114,9 +133,32 @@ async fn billings(
         *shared.refused.lock().unwrap() += 1;
         return status;
     }
+    let key = headers
+        .get("idempotency-key")
+        .expect("every report carries an idempotency key")
+        .to_str()
+        .unwrap()
+        .to_string();
+    if !shared.keys.lock().unwrap().insert(key) {
+        shared.repeats.fetch_add(1, Ordering::SeqCst);
+        return status;
+    }
     let session = Uuid::parse_str(body["sessionId"].as_str().expect("sessionId")).unwrap();
     let count = body["count"].as_u64().expect("count");
     assert!(count > 0, "a report of zero is never sent");
     shared.accepted.lock().unwrap().push((session, count));
+    let delay = {
+        let mut slow = shared.slow.lock().unwrap();
+        match slow.as_mut() {
+            Some((n, delay)) if *n > 0 => {
+                *n -= 1;
+                Some(*delay)
+            }
+            _ => None,
+        }
+    };
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     status
 }
