@@ -11,8 +11,9 @@ use bytes::Bytes;
 use chat_sync::broker::{Broker, BrokerEvent, Sink};
 use chat_sync::fanout::{Ticker, Usage};
 use chat_sync::metrics::Metrics;
-use chat_sync::registry::{Limits, Registry, Subscription};
+use chat_sync::registry::{Limits, Registry};
 use chat_sync::session::Sessions;
+use chat_sync::subscription::Subscription;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use uuid::Uuid;
 
@@ -27,7 +28,7 @@ const BATCH: usize = 50;
 
 fn setup(subscribers: usize) -> (Ticker, Arc<Sessions>, Uuid, Vec<Subscription>) {
     let metrics = Arc::new(Metrics::new());
-    let sessions = Arc::new(Sessions::new(1 << 20, metrics.clone()));
+    let sessions = Arc::new(Sessions::new(1 << 20, 1 << 30, metrics.clone()));
     let sink: Sink = {
         let sessions = sessions.clone();
         Arc::new(move |e| sessions.on_broker_event(e))
@@ -99,8 +100,7 @@ fn tick(c: &mut Criterion) {
                     ticker.tick_once(&mut handles, Instant::now());
                     for sub in &mut subs {
                         let frame = sub
-                            .frames
-                            .try_recv()
+                            .try_next_frame()
                             .expect("every subscriber gets the batch");
                         std::hint::black_box(frame);
                     }

@@ -43,7 +43,11 @@ impl Application {
         let metrics = Arc::new(Metrics::new());
         let tasks = TaskTracker::new();
         let background = CancellationToken::new();
-        let sessions = Arc::new(Sessions::new(config.max_message_bytes, metrics.clone()));
+        let sessions = Arc::new(Sessions::new(
+            config.max_message_bytes,
+            config.inbox_bytes,
+            metrics.clone(),
+        ));
         let sink: Sink = {
             let sessions = sessions.clone();
             Arc::new(move |event| sessions.on_broker_event(event))

@@ -59,6 +59,9 @@ pub struct Config {
     pub client_retry: Duration,
     /// Largest chat payload accepted from Redis or the publish API.
     pub max_message_bytes: usize,
+    /// Bytes one session may receive between two ticks; beyond, messages are dropped
+    /// and the viewers get a `reset` there.
+    pub inbox_bytes: usize,
     /// Batches kept per session for `Last-Event-ID` resume.
     pub replay_batches: usize,
     /// Bytes of framed batches kept per session for resume.
@@ -124,7 +127,7 @@ impl Config {
     /// process environment (which parallel tests share).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let env = Env(&get);
-        Ok(Self {
+        let config = Self {
             bind: env.parse("BIND_ADDR", "0.0.0.0".parse().unwrap(), "an IP address")?,
             port: env.parse("PORT", 8080, "a TCP port from 0 to 65535")?,
             redis: redis_target(&env)?,
@@ -138,6 +141,7 @@ impl Config {
             heartbeat: env.millis("HEARTBEAT_MS", 15_000, 100..=3_600_000)?,
             client_retry: env.millis("CLIENT_RETRY_MS", 2_000, 0..=600_000)?,
             max_message_bytes: env.count("MAX_MESSAGE_BYTES", 16_384, 16..=16_777_216)?,
+            inbox_bytes: env.count("INBOX_BYTES", 16 * 1024 * 1024, 16..=1 << 34)?,
             replay_batches: env.count("REPLAY_BATCHES", 512, 0..=1_000_000)?,
             replay_bytes: env.count("REPLAY_BYTES", 4 * 1024 * 1024, 0..=1 << 34)?,
             ended_ttl: env.millis("ENDED_SESSION_TTL_MS", 600_000, 0..=86_400_000)?,
@@ -164,7 +168,17 @@ impl Config {
             new_sessions_per_client: env.count("NEW_SESSIONS_PER_CLIENT", 20, 1..=1_000_000)?
                 as u32,
             trusted_proxies: trusted_proxies(&env)?,
-        })
+        };
+        if config.inbox_bytes < config.max_message_bytes {
+            return Err(ConfigError::Rejected {
+                var: "INBOX_BYTES",
+                reason: format!(
+                    "{} is less than MAX_MESSAGE_BYTES ({}): no message would fit",
+                    config.inbox_bytes, config.max_message_bytes
+                ),
+            });
+        }
+        Ok(config)
     }
 }
 

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::frame::{self, EventId};
 use crate::registry::Registry;
-use crate::session::{Frame, Outbox, Session};
+use crate::session::{Outbox, Session, Signal};
 
 /// Where captured messages are counted (the billable usage). Called on the tick loop:
 /// implementations only record, they never wait.
@@ -104,14 +104,12 @@ impl Ticker {
                 drop(inbox);
                 if now.duration_since(outbox.last_sent) >= self.heartbeat {
                     outbox.last_sent = now;
-                    let _ = outbox.tx.send(Frame {
-                        bytes: frame::HEARTBEAT,
-                        last: false,
-                    });
+                    let _ = outbox.tx.send(Signal::Heartbeat);
                 }
                 return None;
             }
             let gaps = std::mem::take(&mut inbox.gaps);
+            inbox.bytes = 0;
             (std::mem::take(&mut inbox.messages), end, gaps)
         };
         // Messages from before each broker outage, then the `reset` that marks it, then
@@ -124,11 +122,8 @@ impl Ticker {
             // the notice in the replay buffer for clients resuming across the gap.
             let seq = outbox.replay.head() + 1;
             let notice = frame::reset(self.id(seq), "broker reconnected; messages may be lost");
-            outbox.replay.push(notice.clone());
-            let _ = outbox.tx.send(Frame {
-                bytes: notice,
-                last: false,
-            });
+            outbox.replay.push(notice);
+            let _ = outbox.tx.send(Signal::Frame(seq));
         }
         self.send_batch(session, &mut outbox, &messages[start..]);
         if !messages.is_empty() {
@@ -137,10 +132,7 @@ impl Ticker {
         outbox.last_sent = now;
         let end = end?;
         outbox.closed = true;
-        let _ = outbox.tx.send(Frame {
-            bytes: frame::end(&end),
-            last: true,
-        });
+        let _ = outbox.tx.send(Signal::Last(frame::end(&end)));
         Some(end)
     }
 
@@ -158,19 +150,15 @@ impl Ticker {
         let count = messages.len() as u64;
         let seq = outbox.replay.head() + 1;
         let batch = frame::batch(self.id(seq), messages);
-        outbox.replay.push(batch.clone());
+        let bytes = batch.len() as u64;
+        outbox.replay.push(batch);
         metrics.batches.inc();
         metrics.batch_size.observe(count as f64);
         metrics.usage_captured.inc_by(count);
         metrics.messages_delivered.inc_by(count * receivers);
         metrics.events_delivered.inc_by(receivers);
-        metrics
-            .bytes_delivered
-            .inc_by(batch.len() as u64 * receivers);
-        let _ = outbox.tx.send(Frame {
-            bytes: batch,
-            last: false,
-        });
+        metrics.bytes_delivered.inc_by(bytes * receivers);
+        let _ = outbox.tx.send(Signal::Frame(seq));
     }
 
     fn id(&self, seq: u64) -> EventId {

@@ -22,6 +22,7 @@ pub mod replay;
 pub mod server;
 pub mod session;
 pub mod sse;
+pub mod subscription;
 pub mod telemetry;
 
 pub use app::Application;

@@ -196,7 +196,13 @@ impl Metrics {
         );
         // Every known label value starts at 0, so dashboards and rate() see the series
         // before the first event (an empty family is not exposed at all).
-        for reason in ["oversize", "oversize_end", "unknown_session", "after_end"] {
+        for reason in [
+            "oversize",
+            "oversize_end",
+            "inbox_full",
+            "unknown_session",
+            "after_end",
+        ] {
             m.drop_message_counter(reason);
         }
         for reason in [

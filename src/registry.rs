@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::broker::{Broker, BrokerError};
@@ -19,7 +18,8 @@ use crate::config::Config;
 use crate::frame::{self, EventId};
 use crate::metrics::Metrics;
 use crate::replay::{ReplayBuffer, Resume};
-use crate::session::{Frame, Session, Sessions};
+use crate::session::{Session, Sessions, Signal};
+use crate::subscription::{Slots, SubscriberGuard, Subscription};
 
 /// Why a subscriber was not admitted.
 #[derive(Debug, thiserror::Error)]
@@ -85,45 +85,17 @@ pub struct Registry {
     limits: Limits,
     /// Random per process start; the first half of every event id.
     pub boot: u64,
-    connections: AtomicUsize,
+    /// Open streams, instance-wide and per client.
+    slots: Arc<Slots>,
     /// Kept apart from the map so it can be checked while a map shard is locked.
     session_count: AtomicUsize,
     closing: AtomicBool,
-    clients: ClientLimits,
     pub metrics: Arc<Metrics>,
 }
 
-/// An admitted subscriber: what to send first, then the session's live frames.
-pub struct Subscription {
-    /// `retry:` advice, then replayed batches or a `reset`.
-    pub prelude: Bytes,
-    pub frames: broadcast::Receiver<Frame>,
-    pub guard: SubscriberGuard,
-}
-
-/// Releases the subscriber's connection slot and session membership when its stream
-/// ends, however it ends.
-pub struct SubscriberGuard {
-    registry: Arc<Registry>,
-    session: Arc<Session>,
-    client: IpAddr,
-}
-
-impl SubscriberGuard {
-    pub fn metrics(&self) -> &Metrics {
-        &self.registry.metrics
-    }
-}
-
-impl Drop for SubscriberGuard {
-    fn drop(&mut self) {
-        if self.session.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.session.idle_since.lock().unwrap() = Some(Instant::now());
-        }
-        self.registry.clients.close_stream(self.client);
-        self.registry.release_connection();
-    }
-}
+/// The least a session keeps of recent frames, whatever `REPLAY_BYTES` says: a viewer
+/// that is one ordinary tick behind must still find its frame.
+const MIN_LIVE_BYTES: usize = 256 * 1024;
 
 impl Registry {
     pub fn new(
@@ -137,13 +109,15 @@ impl Registry {
             ended: DashMap::new(),
             broker,
             boot: rand_u64(),
-            connections: AtomicUsize::new(0),
+            slots: Arc::new(Slots::new(
+                ClientLimits::new(
+                    limits.max_streams_per_client,
+                    limits.new_sessions_per_client,
+                ),
+                metrics.clone(),
+            )),
             session_count: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
-            clients: ClientLimits::new(
-                limits.max_streams_per_client,
-                limits.new_sessions_per_client,
-            ),
             limits,
             metrics,
         }
@@ -154,7 +128,7 @@ impl Registry {
     }
 
     pub fn connection_count(&self) -> usize {
-        self.connections.load(Ordering::Acquire)
+        self.slots.connections.load(Ordering::Acquire)
     }
 
     /// Whether the session ended within the ended-session TTL.
@@ -211,29 +185,22 @@ impl Registry {
                 return Err(AttachError::Ended);
             }
         }
-        if self.connections.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
-            self.connections.fetch_sub(1, Ordering::AcqRel);
+        if !self.slots.open(self.limits.max_connections) {
             return Err(AttachError::TooManyConnections);
         }
-        self.metrics.connections.inc();
-        if !self.clients.open_stream(client) {
-            self.release_connection();
+        if !self.slots.clients.open_stream(client) {
+            self.slots.release_connection();
             return Err(AttachError::TooManyClientStreams);
         }
         let session = match self.join_session(id, client) {
             Ok(session) => session,
             Err(e) => {
-                self.clients.close_stream(client);
-                self.release_connection();
+                self.slots.release(client);
                 return Err(e);
             }
         };
         // From here the guard undoes the membership on every early return.
-        let guard = SubscriberGuard {
-            registry: self.clone(),
-            session: session.clone(),
-            client,
-        };
+        let guard = SubscriberGuard::new(self.slots.clone(), session.clone(), client);
         let subscribing = session.subscribed.peek().is_none();
         if let Err(e) = session.subscribed.clone().await {
             self.forget_if_unwatched(&session);
@@ -272,13 +239,9 @@ impl Registry {
                 }
             }
         }
-        let frames = outbox.tx.subscribe();
+        let signals = outbox.tx.subscribe();
         drop(outbox);
-        Ok(Subscription {
-            prelude: prelude.freeze(),
-            frames,
-            guard,
-        })
+        Ok(Subscription::new(prelude.freeze(), signals, guard))
     }
 
     /// Finds or creates the session and counts the caller in, under the map's lock so
@@ -291,7 +254,7 @@ impl Registry {
                 if self.session_count.load(Ordering::Acquire) >= self.limits.max_sessions {
                     return Err(AttachError::TooManySessions);
                 }
-                if !self.clients.create_session(client, Instant::now()) {
+                if !self.slots.clients.create_session(client, Instant::now()) {
                     return Err(AttachError::TooManyNewSessions);
                 }
                 self.session_count.fetch_add(1, Ordering::AcqRel);
@@ -300,7 +263,14 @@ impl Registry {
                     id,
                     self.broker.subscribe(id),
                     self.limits.subscriber_buffer,
-                    ReplayBuffer::new(self.limits.replay_batches, self.limits.replay_bytes),
+                    ReplayBuffer::new(
+                        // Live subscribers read their frames from it too: it holds at
+                        // least the frames one may lag behind.
+                        self.limits
+                            .replay_batches
+                            .max(self.limits.subscriber_buffer),
+                        self.limits.replay_bytes.max(MIN_LIVE_BYTES),
+                    ),
                 ));
                 e.insert(session.clone());
                 session
@@ -314,11 +284,6 @@ impl Registry {
             return Err(AttachError::TooManySessionConnections);
         }
         Ok(session)
-    }
-
-    fn release_connection(&self) {
-        self.connections.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.connections.dec();
     }
 
     /// Removes `session` from the map if it is still the registered one and `unwatched`
@@ -374,7 +339,7 @@ impl Registry {
         let freed: Vec<Arc<Session>> = idle.into_iter().filter(|s| self.remove(s, true)).collect();
         let ttl = self.limits.ended_ttl;
         self.ended.retain(|_, at| now.duration_since(*at) < ttl);
-        self.clients.prune(now);
+        self.slots.clients.prune(now);
         freed
     }
 
@@ -386,10 +351,7 @@ impl Registry {
         for session in self.sessions.map.iter() {
             let mut outbox = session.outbox.lock().unwrap();
             outbox.closed = true;
-            let _ = outbox.tx.send(Frame {
-                bytes: goodbye.clone(),
-                last: true,
-            });
+            let _ = outbox.tx.send(Signal::Last(goodbye.clone()));
         }
     }
 

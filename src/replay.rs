@@ -47,13 +47,23 @@ impl ReplayBuffer {
         self.head += 1;
         self.bytes += frame.len();
         self.frames.push_back(frame);
-        while self.frames.len() > self.max_frames || self.bytes > self.max_bytes {
+        // The newest frame always stays: live subscribers read it from here.
+        while self.frames.len() > 1
+            && (self.frames.len() > self.max_frames || self.bytes > self.max_bytes)
+        {
             let Some(old) = self.frames.pop_front() else {
                 break;
             };
             self.bytes -= old.len();
         }
         self.head
+    }
+
+    /// The frame with sequence number `seq`, if it is still kept.
+    pub fn get(&self, seq: u64) -> Option<Bytes> {
+        let oldest = self.head + 1 - self.frames.len() as u64;
+        let at = seq.checked_sub(oldest)?;
+        self.frames.get(usize::try_from(at).ok()?).cloned()
     }
 
     /// The frames after `seq`, or `Lost` when some of them are no longer kept or `seq`
@@ -104,12 +114,27 @@ mod tests {
     }
 
     #[test]
+    fn frames_are_found_by_sequence_number_while_kept() {
+        let b = buffer(3, 1000, 5);
+        assert_eq!(b.get(5), Some(Bytes::from("f5")));
+        assert_eq!(b.get(3), Some(Bytes::from("f3")));
+        assert_eq!(b.get(2), None, "evicted");
+        assert_eq!(b.get(6), None, "not yet");
+        assert_eq!(buffer(3, 1000, 0).get(1), None);
+    }
+
+    #[test]
     fn byte_bound_evicts_oldest() {
         let b = buffer(100, 4, 5);
         assert_eq!(b.since(3), frames(&["f4", "f5"]));
         assert_eq!(b.since(2), Resume::Lost);
-        let none = buffer(0, 0, 2);
-        assert_eq!(none.since(2), frames(&[]));
-        assert_eq!(none.since(1), Resume::Lost);
+        let newest_only = buffer(0, 0, 3);
+        assert_eq!(newest_only.since(3), frames(&[]));
+        assert_eq!(
+            newest_only.since(2),
+            frames(&["f3"]),
+            "the newest always stays"
+        );
+        assert_eq!(newest_only.since(1), Resume::Lost);
     }
 }

@@ -15,13 +15,18 @@ use crate::broker::{BrokerEvent, END_SUFFIX, SubscribeAck};
 use crate::metrics::Metrics;
 use crate::replay::ReplayBuffer;
 
-/// One SSE frame handed to every subscriber of a session; `bytes` is shared, never
-/// copied per subscriber.
+/// What a session tells its subscribers. A batch (or `reset`) is named by its place in
+/// the replay buffer, which holds its bytes once for everyone: the channel carries a
+/// number, so what lagging subscribers pin is bounded by the buffer's bytes, not by
+/// the channel's length times the size of the frames.
 #[derive(Clone, Debug)]
-pub struct Frame {
-    pub bytes: Bytes,
-    /// The stream closes after this frame (`end`, `shutdown`).
-    pub last: bool,
+pub enum Signal {
+    /// The frame with this sequence number is in the replay buffer.
+    Frame(u64),
+    /// Nothing was sent for a while: a comment keeps the connection open.
+    Heartbeat,
+    /// The last frame (`end`, `shutdown`); the stream closes after it.
+    Last(Bytes),
 }
 
 /// What arrived since the last capture.
@@ -30,6 +35,8 @@ pub struct Inbox {
     pub messages: Vec<Bytes>,
     /// The `{sessionId}_END` payload, once it arrived; later messages are dropped.
     pub end: Option<Bytes>,
+    /// Bytes in `messages`, bounded by `INBOX_BYTES`.
+    pub bytes: usize,
     /// Where the broker connection was lost, as positions in `messages`: the messages
     /// before a position arrived before the loss, those after it once Redis was back.
     /// Subscribers are told (`reset`) exactly there, so a gap is never marked ahead of
@@ -55,7 +62,7 @@ impl Inbox {
 /// subscriber's resume all see one order of batches.
 pub struct Outbox {
     pub replay: ReplayBuffer,
-    pub tx: broadcast::Sender<Frame>,
+    pub tx: broadcast::Sender<Signal>,
     /// When the last frame went out; drives heartbeats.
     pub last_sent: Instant,
     /// Set once the session ended or the server is shutting down: no new subscribers.
@@ -119,14 +126,17 @@ impl Session {
 pub struct Sessions {
     pub map: DashMap<Uuid, Arc<Session>>,
     max_message_bytes: usize,
+    /// Bytes a session's inbox may hold between two ticks.
+    max_inbox_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
 impl Sessions {
-    pub fn new(max_message_bytes: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(max_message_bytes: usize, max_inbox_bytes: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             map: DashMap::new(),
             max_message_bytes,
+            max_inbox_bytes,
             metrics,
         }
     }
@@ -175,7 +185,13 @@ impl Sessions {
             self.metrics.drop_message("after_end");
         } else if payload.len() > self.max_message_bytes {
             self.metrics.drop_message("oversize");
+        } else if inbox.bytes + payload.len() > self.max_inbox_bytes {
+            // A burst larger than a tick may hold: dropped, counted, and shown to the
+            // viewers as a gap (`reset`) right where it happened, never silently.
+            self.metrics.drop_message("inbox_full");
+            inbox.mark_gap();
         } else {
+            inbox.bytes += payload.len();
             inbox.messages.push(payload);
         }
     }

@@ -1,8 +1,8 @@
 //! One subscriber's SSE response: the prelude (retry advice, replayed batches or a
-//! `reset`), then the session's shared frames as they are broadcast. The stream ends
-//! after an `end` or `shutdown` frame, or when the subscriber has fallen so far behind
-//! that frames it has not read were overwritten: it is then disconnected and resumes
-//! from its `Last-Event-ID`, instead of the server buffering for it without bound.
+//! `reset`), then the session's shared frames as they come. The stream ends after an
+//! `end` or `shutdown` frame, or when the subscriber has fallen too far behind (see
+//! `subscription`): it is then disconnected and resumes from its `Last-Event-ID`,
+//! instead of the server buffering for it without bound.
 
 use std::convert::Infallible;
 
@@ -10,10 +10,9 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::{Stream, StreamExt, stream};
-use tokio::sync::broadcast::error::RecvError;
+use futures::{Stream, stream};
 
-use crate::registry::Subscription;
+use crate::subscription::Subscription;
 
 /// The SSE response for an admitted subscriber.
 pub fn response(subscription: Subscription) -> Response {
@@ -30,23 +29,8 @@ pub fn response(subscription: Subscription) -> Response {
 }
 
 fn frames(subscription: Subscription) -> impl Stream<Item = Result<Bytes, Infallible>> {
-    let Subscription {
-        prelude,
-        frames,
-        guard,
-    } = subscription;
-    let live = stream::unfold(Some((frames, guard)), |state| async move {
-        let (mut frames, guard) = state?;
-        match frames.recv().await {
-            Ok(frame) if frame.last => Some((frame.bytes, None)),
-            Ok(frame) => Some((frame.bytes, Some((frames, guard)))),
-            Err(RecvError::Lagged(missed)) => {
-                tracing::debug!(missed, "disconnecting a slow subscriber");
-                guard.metrics().slow_subscribers.inc();
-                None
-            }
-            Err(RecvError::Closed) => None,
-        }
-    });
-    stream::once(async move { prelude }).chain(live).map(Ok)
+    stream::unfold(subscription, |mut subscription| async move {
+        let bytes = subscription.next_frame().await?;
+        Some((Ok(bytes), subscription))
+    })
 }

@@ -109,7 +109,7 @@ impl Instance {
     }
 
     async fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(self.url("/metrics").await)
+        let text = crate::common::get(self.url("/metrics").await)
             .await
             .unwrap()
             .text()
@@ -120,7 +120,9 @@ impl Instance {
 
     async fn ready(&self) -> bool {
         let url = self.url("/readyz").await;
-        reqwest::get(url).await.is_ok_and(|r| r.status() == 200)
+        crate::common::get(url)
+            .await
+            .is_ok_and(|r| r.status() == 200)
     }
 }
 
@@ -421,7 +423,7 @@ async fn run(plan: Plan) {
     )
     .await;
     for instance in &instances {
-        let status = reqwest::get(instance.url(&sse_path(rooms[ended])).await)
+        let status = crate::common::get(instance.url(&sse_path(rooms[ended])).await)
             .await
             .unwrap()
             .status();

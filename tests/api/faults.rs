@@ -73,7 +73,15 @@ async fn redis_restart_resumes_delivery_and_marks_the_gap_where_it_is() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_with_last_event_id_gets_exactly_what_was_missed() {
     let redis = RedisServer::start().await;
-    let app = TestApp::spawn(Some(&redis), &[("TICK_MS", "5"), ("REPLAY_BATCHES", "30")]).await;
+    let app = TestApp::spawn(
+        Some(&redis),
+        &[
+            ("TICK_MS", "5"),
+            ("REPLAY_BATCHES", "30"),
+            ("SUBSCRIBER_BUFFER", "30"),
+        ],
+    )
+    .await;
     let room = Uuid::new_v4();
     let url = app.url(&sse_path(room));
     let mut watcher = app.connect(room).await;
@@ -171,23 +179,25 @@ async fn stalled_viewer(server: std::net::SocketAddr, room: Uuid) -> tokio::net:
     stalled
 }
 
-/// Publishes `range` in chunks of 40, each once the healthy viewer has received the
-/// one before, in order. Paced by the viewer rather than by time, so every frame is
-/// small and the number of frames grows with the data on any machine.
+/// Publishes `range` as `payload(i)`, `chunk` at a time, each chunk once the healthy
+/// viewer has received the one before, in order. Paced by the viewer rather than by
+/// time, so frames are small and their number grows with the data on any machine.
 async fn publish_in_step(
     conn: &mut redis::aio::MultiplexedConnection,
     room: Uuid,
     healthy: &mut Subscriber,
     range: std::ops::Range<usize>,
+    chunk: usize,
+    payload: fn(usize) -> String,
 ) {
-    for chunk in range.collect::<Vec<_>>().chunks(40) {
+    for chunk in range.collect::<Vec<_>>().chunks(chunk) {
         let mut pipe = redis::pipe();
         for &i in chunk {
-            pipe.publish(room.to_string(), big_payload(i)).ignore();
+            pipe.publish(room.to_string(), payload(i)).ignore();
         }
         pipe.query_async::<()>(conn).await.unwrap();
         let got = healthy.messages(chunk.len()).await;
-        let expected: Vec<String> = chunk.iter().map(|&i| big_payload(i)).collect();
+        let expected: Vec<String> = chunk.iter().map(|&i| payload(i)).collect();
         assert_eq!(
             got, expected,
             "the healthy viewer gets everything, in order"
@@ -195,38 +205,49 @@ async fn publish_in_step(
     }
 }
 
-/// What a stalled viewer pins is bounded by the session's shared ring and replay
-/// buffer, not by what flows past it: after a first half of the traffic has filled
-/// them, a second half as large adds less than half its size to the server's memory
-/// (holding it for the stalled viewer would add all of it). The stall guard is set
-/// far beyond the test so that the viewer stays attached throughout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_viewer_pins_a_bounded_amount_of_memory() {
-    const HALF: usize = 10_000;
+/// Publishes two equal halves past a stalled viewer and checks that the second adds
+/// less than half its size to the server's RSS: what the stalled viewer pins stops
+/// growing once the session's shared buffers are full (holding everything for it
+/// would add all of it). The stall guard is set far beyond the test so that the
+/// viewer stays attached throughout.
+async fn assert_memory_plateaus(
+    vars: &[(&str, &str)],
+    half: usize,
+    chunk: usize,
+    payload: fn(usize) -> String,
+) {
     let redis = RedisServer::start().await;
-    let server = ServerProcess::spawn(&[
-        ("REDIS_URL", &redis.url()),
+    let url = redis.url();
+    let mut env = vec![
+        ("REDIS_URL", url.as_str()),
         ("TICK_MS", "5"),
         ("SLOW_CLIENT_TIMEOUT_MS", "3600000"),
-        ("SUBSCRIBER_BUFFER", "64"),
-        ("REPLAY_BYTES", "1048576"),
-    ])
-    .await;
+    ];
+    env.extend_from_slice(vars);
+    let server = ServerProcess::spawn(&env).await;
     let room = Uuid::new_v4();
     let mut healthy = Subscriber::connect(&server.url(&sse_path(room)), None).await;
     let _stalled = stalled_viewer(server.addr(), room).await;
     let mut conn = redis.conn().await;
 
-    publish_in_step(&mut conn, room, &mut healthy, 0..HALF).await;
+    publish_in_step(&mut conn, room, &mut healthy, 0..half, chunk, payload).await;
     let filled = rss_kib(server.pid());
-    publish_in_step(&mut conn, room, &mut healthy, HALF..2 * HALF).await;
+    publish_in_step(
+        &mut conn,
+        room,
+        &mut healthy,
+        half..2 * half,
+        chunk,
+        payload,
+    )
+    .await;
     let grown_kib = rss_kib(server.pid()).saturating_sub(filled);
-    let half_kib = HALF * BIG_PAYLOAD_BYTES / 1024;
+    let half_kib = half * payload(0).len() / 1024;
     assert!(
         (grown_kib as usize) < half_kib / 2,
         "RSS grew by {grown_kib} KiB while a further {half_kib} KiB flowed past a stalled viewer"
     );
-    let text = reqwest::get(server.url("/metrics"))
+    let text = crate::common::get(server.url("/metrics"))
         .await
         .unwrap()
         .text()
@@ -236,6 +257,25 @@ async fn a_stalled_viewer_pins_a_bounded_amount_of_memory() {
         metrics["chat_sync_connections"], 2.0,
         "the stalled viewer was attached the whole time"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_viewer_pins_a_bounded_amount_of_memory() {
+    let vars = [("SUBSCRIBER_BUFFER", "64"), ("REPLAY_BYTES", "1048576")];
+    assert_memory_plateaus(&vars, 10_000, 40, big_payload).await;
+}
+
+/// The audit's case: 16 KB payloads, 12 per batch. With frames of ~190 KB, 128 frames
+/// of lag used to pin 24 MiB; the bound is now the session's replay bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_viewer_pins_no_more_than_the_replay_bytes_with_large_payloads() {
+    fn large(i: usize) -> String {
+        format!(
+            r#"{{"id":"p1","seq":{i},"message":"{}"}}"#,
+            "y".repeat(16_000)
+        )
+    }
+    assert_memory_plateaus(&[("REPLAY_BYTES", "1048576")], 600, 12, large).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +296,7 @@ async fn a_viewer_that_stops_reading_is_dropped_without_hurting_the_others() {
     let metric = |name: &'static str| {
         let url = server.url("/metrics");
         async move {
-            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+            let text = crate::common::get(url).await.unwrap().text().await.unwrap();
             crate::common::parse_metrics(&text)[name]
         }
     };
@@ -267,12 +307,28 @@ async fn a_viewer_that_stops_reading_is_dropped_without_hurting_the_others() {
     let mut sent = 0;
     while metric("chat_sync_connections").await > 1.0 {
         assert!(sent < MAX_MESSAGES, "the stalled viewer was never cut");
-        publish_in_step(&mut conn, room, &mut healthy, sent..sent + 400).await;
+        publish_in_step(
+            &mut conn,
+            room,
+            &mut healthy,
+            sent..sent + 400,
+            40,
+            big_payload,
+        )
+        .await;
         sent += 400;
     }
     assert!(metric("chat_sync_slow_subscribers_dropped_total").await >= 1.0);
     // The healthy viewer is unaffected and still live.
-    publish_in_step(&mut conn, room, &mut healthy, sent..sent + 40).await;
+    publish_in_step(
+        &mut conn,
+        room,
+        &mut healthy,
+        sent..sent + 40,
+        40,
+        big_payload,
+    )
+    .await;
     // Draining the stalled socket now reaches the end of a cut-off stream.
     let drained = tokio::time::timeout(WAIT, async {
         let mut buf = vec![0u8; 1 << 16];
@@ -472,4 +528,72 @@ async fn sessions_freed_while_redis_is_down_are_unsubscribed_once_it_is_back() {
     assert_eq!(redis.numsub(&room.to_string()).await, 1);
     redis.publish(&room.to_string(), &chat("p", 0)).await;
     assert_eq!(viewer.messages(1).await, vec![chat("p", 0)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_beyond_the_inbox_is_dropped_counted_and_marked_with_a_reset() {
+    const BURST: usize = 300;
+    let redis = RedisServer::start().await;
+    // A long tick and a 64 KiB inbox: about 64 of the ~1 KB messages fit per tick.
+    let vars = [("TICK_MS", "1000"), ("INBOX_BYTES", "65536")];
+    let app = TestApp::spawn(Some(&redis), &vars).await;
+    let room = Uuid::new_v4();
+    let mut viewer = app.connect(room).await;
+    let mut pipe = redis::pipe();
+    for i in 0..BURST {
+        pipe.publish(room.to_string(), big_payload(i)).ignore();
+    }
+    pipe.query_async::<()>(&mut redis.conn().await)
+        .await
+        .unwrap();
+    let dropped = r#"chat_sync_messages_dropped_total{reason="inbox_full"}"#;
+    wait_until(
+        "the burst was received, and captured or dropped",
+        || async {
+            app.metric("chat_sync_messages_received_total").await == BURST as f64
+                && app.metric("chat_sync_usage_captured_total").await + app.metric(dropped).await
+                    == BURST as f64
+        },
+    )
+    .await;
+    let marker = big_payload(BURST);
+    redis.publish(&room.to_string(), &marker).await;
+
+    // In order, and every gap announced by a reset right where it is.
+    let (mut received, mut last, mut reset_since_last) = (0usize, None::<usize>, false);
+    loop {
+        let event = viewer.next_event().await.expect("the stream stays open");
+        if event.event == "reset" {
+            reset_since_last = true;
+            continue;
+        }
+        assert_eq!(event.event, "message");
+        for payload in batch(&event) {
+            let seq = crate::common::seq_of(&payload).1;
+            if let Some(last) = last {
+                assert!(seq > last, "{seq} after {last}");
+                assert!(
+                    seq == last + 1 || reset_since_last,
+                    "{seq} after {last}, unmarked"
+                );
+            }
+            (last, reset_since_last) = (Some(seq), false);
+            received += 1;
+        }
+        if last == Some(BURST) {
+            break;
+        }
+    }
+    let dropped = app.metric(dropped).await as usize;
+    assert!(dropped > 0, "the burst did not fit");
+    assert_eq!(
+        received + dropped,
+        BURST + 1,
+        "every message delivered or counted"
+    );
+    assert_eq!(
+        app.metric("chat_sync_usage_captured_total").await as usize,
+        received,
+        "dropped messages are not billed"
+    );
 }

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use chat_sync::broker::{Broker, Sink, chat_channel};
 use chat_sync::fanout::{Ticker, Usage};
 use chat_sync::metrics::Metrics;
-use chat_sync::registry::{Limits, Registry, Subscription};
+use chat_sync::registry::{Limits, Registry};
 use chat_sync::session::Sessions;
-use tokio::sync::broadcast::error::TryRecvError;
+use chat_sync::subscription::Subscription;
 use uuid::Uuid;
 
 /// Every viewer of the walk connects from here.
@@ -99,9 +99,9 @@ impl Viewer {
         };
         let mut chunks = Vec::new();
         loop {
-            match sub.frames.try_recv() {
-                Ok(frame) => chunks.push(frame.bytes),
-                Err(TryRecvError::Empty) => break,
+            match sub.try_next_frame() {
+                Ok(Some(frame)) => chunks.push(frame),
+                Ok(None) => break,
                 Err(e) => panic!("seed {seed}: {e:?}"),
             }
         }
@@ -120,7 +120,7 @@ fn line_is_only_meta(event: &str) -> bool {
 
 async fn walk(seed: u64) {
     let metrics = Arc::new(Metrics::new());
-    let sessions = Arc::new(Sessions::new(1 << 20, metrics.clone()));
+    let sessions = Arc::new(Sessions::new(1 << 20, 1 << 30, metrics.clone()));
     let sink: Sink = {
         let sessions = sessions.clone();
         Arc::new(move |event| sessions.on_broker_event(event))
@@ -170,13 +170,13 @@ async fn walk(seed: u64) {
             55..62 if viewers.iter().filter(|v| v.live.is_some()).count() < 6 => {
                 let sub = registry.attach(room, None, LOCAL).await.unwrap();
                 let mut viewer = Viewer {
-                    live: None,
+                    live: Some(sub),
                     last_event_id: None,
                     expect: count(&captured),
                     received: 0,
                 };
-                viewer.absorb(&sub.prelude, count(&captured), &accepted, seed);
-                viewer.live = Some(sub);
+                // The prelude is there at once.
+                viewer.drain(count(&captured), &accepted, seed);
                 viewers.push(viewer);
             }
             62..70 => {
@@ -195,8 +195,8 @@ async fn walk(seed: u64) {
                         .attach(room, v.last_event_id.as_deref(), LOCAL)
                         .await
                         .unwrap();
-                    v.absorb(&sub.prelude, count(&captured), &accepted, seed);
                     v.live = Some(sub);
+                    v.drain(count(&captured), &accepted, seed);
                 }
             }
             _ => {

@@ -39,6 +39,28 @@ pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// One HTTP client for all viewers of a test process: building one costs tens of
+/// milliseconds of CPU in a debug build (TLS roots), and hundreds of viewers building
+/// theirs in one task starved the others past their deadline on a busy machine.
+pub fn http_client() -> reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    // No idle pool: each test has its own runtime, and a pooled connection would
+    // belong to the runtime of the test that opened it.
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap()
+        })
+        .clone()
+}
+
+/// `GET url` with the shared client.
+pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    http_client().get(url).send().await
+}
+
 /// No response timeout: the crate's default (500 ms) fails commands on a busy machine,
 /// and a PUBLISH that timed out may still have been published, so a retry would send
 /// it twice. The tests' own waits bound everything instead.
@@ -85,7 +107,7 @@ impl TestApp {
         }));
         let app = Self {
             base,
-            http: reqwest::Client::new(),
+            http: http_client(),
             stop: Some(stop),
             handle: Some(handle),
         };
@@ -226,7 +248,7 @@ impl Subscriber {
     /// As [`Subscriber::connect`], but a refused or failed connect is an error (for
     /// viewers of an instance that may be down).
     pub async fn try_connect(url: &str, last_event_id: Option<&str>) -> reqwest::Result<Self> {
-        let mut request = reqwest::Client::new().get(url);
+        let mut request = http_client().get(url);
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
         }

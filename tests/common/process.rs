@@ -28,7 +28,7 @@ impl ServerProcess {
             }
             let mut child = command.spawn().expect("start chat-sync");
             let base = format!("http://127.0.0.1:{port}");
-            let http = reqwest::Client::new();
+            let http = super::http_client();
             for _ in 0..400 {
                 if child.try_wait().unwrap().is_some() {
                     break;

@@ -27,6 +27,8 @@ struct Shared {
     slow: Mutex<Option<(usize, std::time::Duration)>>,
     /// Reports that came again with a key already counted.
     repeats: AtomicU16,
+    /// Gone: connections already open (which outlive the listener) get 503.
+    away: std::sync::atomic::AtomicBool,
 }
 
 pub struct Tenant {
@@ -72,6 +74,7 @@ impl Tenant {
 
     /// Stops listening (connections are refused) until [`Tenant::resume`].
     pub fn go_away(&mut self) {
+        self.shared.away.store(true, Ordering::SeqCst);
         if let Some(server) = self.server.take() {
             server.abort();
         }
@@ -86,6 +89,7 @@ impl Tenant {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         self.listen().await;
+        self.shared.away.store(false, Ordering::SeqCst);
     }
 
     pub fn total(&self, session: Uuid) -> u64 {
@@ -128,7 +132,10 @@ async fn billings(
     headers: axum::http::HeaderMap,
     Json(body): Json<serde_json::Value>,
 ) -> StatusCode {
-    let status = StatusCode::from_u16(shared.status.load(Ordering::SeqCst)).unwrap();
+    let mut status = StatusCode::from_u16(shared.status.load(Ordering::SeqCst)).unwrap();
+    if shared.away.load(Ordering::SeqCst) {
+        status = StatusCode::SERVICE_UNAVAILABLE;
+    }
     if !status.is_success() {
         *shared.refused.lock().unwrap() += 1;
         return status;

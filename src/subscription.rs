@@ -1,0 +1,178 @@
+//! One admitted viewer: what it holds while its stream is open, and how it reads the
+//! session's frames. It holds a position in the session's signals and the guard that
+//! releases its slots; the frames' bytes stay in the session's replay buffer, shared.
+//! A viewer that falls behind the signals (`SUBSCRIBER_BUFFER`) or whose next frame
+//! has left the replay buffer (bounded in frames and bytes) has lagged too far: its
+//! stream ends and its browser resumes with `Last-Event-ID`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+
+use crate::client::ClientLimits;
+use crate::frame;
+use crate::metrics::Metrics;
+use crate::session::{Session, Signal};
+
+/// An admitted subscriber: what to send first, then the session's live frames.
+pub struct Subscription {
+    /// `retry:` advice, then replayed batches or a `reset`.
+    prelude: Option<Bytes>,
+    signals: broadcast::Receiver<Signal>,
+    guard: SubscriberGuard,
+    /// The last frame went out, or the viewer lagged too far: nothing more.
+    over: bool,
+}
+
+/// The stream slots subscribers take: the instance's count and each client's share.
+pub struct Slots {
+    pub connections: AtomicUsize,
+    pub clients: ClientLimits,
+    metrics: Arc<Metrics>,
+}
+
+impl Slots {
+    pub fn new(clients: ClientLimits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            connections: AtomicUsize::new(0),
+            clients,
+            metrics,
+        }
+    }
+
+    /// Takes an instance-wide slot unless all `max` are taken.
+    pub fn open(&self, max: usize) -> bool {
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        self.metrics.connections.inc();
+        true
+    }
+
+    pub fn release_connection(&self) {
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections.dec();
+    }
+
+    /// Gives back an instance-wide slot and `client`'s.
+    pub fn release(&self, client: IpAddr) {
+        self.clients.close_stream(client);
+        self.release_connection();
+    }
+}
+
+/// Releases the subscriber's slots and session membership when its stream ends,
+/// however it ends.
+pub struct SubscriberGuard {
+    slots: Arc<Slots>,
+    session: Arc<Session>,
+    client: IpAddr,
+}
+
+impl SubscriberGuard {
+    /// For a subscriber already counted in `slots` and in `session`.
+    pub fn new(slots: Arc<Slots>, session: Arc<Session>, client: IpAddr) -> Self {
+        Self {
+            slots,
+            session,
+            client,
+        }
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        if self.session.subscribers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.session.idle_since.lock().unwrap() = Some(Instant::now());
+        }
+        self.slots.release(self.client);
+    }
+}
+
+/// Why nothing more will come.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StreamOver;
+
+impl Subscription {
+    pub fn new(
+        prelude: Bytes,
+        signals: broadcast::Receiver<Signal>,
+        guard: SubscriberGuard,
+    ) -> Self {
+        Self {
+            prelude: Some(prelude),
+            signals,
+            guard,
+            over: false,
+        }
+    }
+
+    /// The next bytes to send, waiting for them; `None` once the stream is over.
+    pub async fn next_frame(&mut self) -> Option<Bytes> {
+        if let Some(prelude) = self.prelude.take() {
+            return Some(prelude);
+        }
+        while !self.over {
+            let signal = self.signals.recv().await;
+            if let Some(bytes) = self.resolve(signal.map_err(|e| matches!(e, RecvError::Lagged(_))))
+            {
+                return Some(bytes);
+            }
+        }
+        None
+    }
+
+    /// The next bytes to send if there are some now: `Ok(None)` if not yet.
+    pub fn try_next_frame(&mut self) -> Result<Option<Bytes>, StreamOver> {
+        if let Some(prelude) = self.prelude.take() {
+            return Ok(Some(prelude));
+        }
+        while !self.over {
+            let signal = match self.signals.try_recv() {
+                Err(TryRecvError::Empty) => return Ok(None),
+                other => other.map_err(|e| matches!(e, TryRecvError::Lagged(_))),
+            };
+            if let Some(bytes) = self.resolve(signal) {
+                return Ok(Some(bytes));
+            }
+        }
+        Err(StreamOver)
+    }
+
+    /// The bytes a signal stands for; `Err(true)` means the viewer lagged.
+    fn resolve(&mut self, signal: Result<Signal, bool>) -> Option<Bytes> {
+        match signal {
+            Ok(Signal::Frame(seq)) => {
+                let frame = self.guard.session.outbox.lock().unwrap().replay.get(seq);
+                if frame.is_none() {
+                    self.lagged();
+                }
+                frame
+            }
+            Ok(Signal::Heartbeat) => Some(frame::HEARTBEAT),
+            Ok(Signal::Last(bytes)) => {
+                self.over = true;
+                Some(bytes)
+            }
+            Err(true) => {
+                self.lagged();
+                None
+            }
+            Err(false) => {
+                self.over = true;
+                None
+            }
+        }
+    }
+
+    fn lagged(&mut self) {
+        tracing::debug!("disconnecting a slow subscriber");
+        self.guard.slots.metrics.slow_subscribers.inc();
+        self.over = true;
+    }
+}
