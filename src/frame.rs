@@ -109,6 +109,34 @@ fn named_event(name: &str, id: Option<EventId>, data: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1_000))]
+
+        /// Whatever the payloads hold, a batch is one SSE event whose data is the
+        /// payloads as JSON strings, in order: nothing can end it early or add a line.
+        #[test]
+        fn no_payload_can_break_or_inject_into_a_batch(
+            payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 1..8),
+        ) {
+            let payloads: Vec<Bytes> = payloads.into_iter().map(Bytes::from).collect();
+            let frame = batch(ID, &payloads);
+            let text = std::str::from_utf8(&frame).unwrap();
+            prop_assert_eq!(text.matches('\n').count(), 3);
+            prop_assert!(text.ends_with("]\n\n"));
+            let data = text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
+            let parsed: Vec<String> = serde_json::from_str(data).unwrap();
+            let expected: Vec<String> =
+                payloads.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+            prop_assert_eq!(parsed, expected);
+        }
+
+        #[test]
+        fn any_last_event_id_parses_or_is_unknown(raw in ".{0,64}") {
+            let _ = EventId::parse(&raw);
+        }
+    }
 
     const ID: EventId = EventId { boot: 0xab, seq: 7 };
 

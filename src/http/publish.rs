@@ -190,6 +190,37 @@ fn json_object(
 mod tests {
     use super::*;
     use crate::error::AppError;
+    use proptest::prelude::*;
+
+    fn json_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        headers
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// Whatever the body, the answer is a clear error or a JSON object in UTF-8,
+        /// forwarded byte for byte.
+        #[test]
+        fn any_body_is_refused_or_a_utf8_json_object(body in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(Some(accepted)) = json_object(&json_headers(), Ok(Bytes::from(body.clone())), 1024) {
+                prop_assert_eq!(&accepted[..], &body[..]);
+                let text = std::str::from_utf8(&accepted).unwrap();
+                let value: serde_json::Value = serde_json::from_str(text).unwrap();
+                prop_assert!(value.is_object());
+            }
+        }
+
+        /// Every JSON object of text is accepted, whatever the text holds.
+        #[test]
+        fn any_json_object_of_text_is_accepted(fields in prop::collection::hash_map(".*", ".*", 0..8)) {
+            let body = serde_json::to_vec(&fields).unwrap();
+            let accepted = json_object(&json_headers(), Ok(Bytes::from(body.clone())), 1 << 20);
+            prop_assert!(matches!(accepted, Ok(Some(b)) if b[..] == body[..]));
+        }
+    }
 
     fn auth(token: Option<&str>, peer: &str, header: Option<&str>) -> Result<(), AppError> {
         let mut headers = HeaderMap::new();

@@ -127,19 +127,41 @@ async fn read_request(io: &mut GuardedStream) -> Option<Request<Body>> {
         if io.read_buf(&mut buf).await.ok()? == 0 {
             return None;
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut headers);
-        match parsed.parse(&buf).ok()? {
-            httparse::Status::Partial if buf.len() < MAX_HEAD => continue,
-            httparse::Status::Partial => return None,
-            httparse::Status::Complete(_) => {
-                let mut request = Request::builder().method(parsed.method?).uri(parsed.path?);
-                for h in parsed.headers.iter() {
-                    request = request.header(h.name, h.value);
-                }
-                return request.body(Body::empty()).ok();
-            }
+        match parse_head(&buf) {
+            Head::Partial => continue,
+            Head::Invalid => return None,
+            Head::Complete(request) => return Some(*request),
         }
+    }
+}
+
+/// What the bytes received so far hold.
+enum Head {
+    /// Not a whole head yet, and not too long to become one.
+    Partial,
+    /// Malformed, or longer than `MAX_HEAD`.
+    Invalid,
+    Complete(Box<Request<Body>>),
+}
+
+fn parse_head(buf: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Head::Partial,
+        Ok(httparse::Status::Complete(_)) if buf.len() <= MAX_HEAD => {
+            let (Some(method), Some(path)) = (parsed.method, parsed.path) else {
+                return Head::Invalid;
+            };
+            let mut request = Request::builder().method(method).uri(path);
+            for h in parsed.headers.iter() {
+                request = request.header(h.name, h.value);
+            }
+            request
+                .body(Body::empty())
+                .map_or(Head::Invalid, |r| Head::Complete(Box::new(r)))
+        }
+        _ => Head::Invalid,
     }
 }
 
@@ -163,4 +185,61 @@ fn head(response: &Response<()>, length: Option<usize>) -> Vec<u8> {
     }
     out.extend_from_slice(b"connection: close\r\n\r\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const VALID: &[u8] =
+        b"GET /api/v1/chats/sse-connect/3f1c2a9e-1111-4222-8333-444455556666 HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 00ab-7\r\n\r\n";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1_000))]
+
+        /// Whatever a client sends, parsing ends in one of three answers, never a panic,
+        /// and never accepts more than the bound.
+        #[test]
+        fn any_bytes_are_partial_invalid_or_a_bounded_request(bytes in prop::collection::vec(any::<u8>(), 0..17_000)) {
+            match parse_head(&bytes) {
+                Head::Partial => prop_assert!(bytes.len() < MAX_HEAD),
+                Head::Invalid => {}
+                Head::Complete(_) => prop_assert!(bytes.len() <= MAX_HEAD),
+            }
+        }
+
+        /// A valid head cut anywhere is partial (or already invalid), never misread.
+        #[test]
+        fn a_valid_head_cut_short_is_partial(cut in 0..VALID.len()) {
+            prop_assert!(matches!(parse_head(&VALID[..cut]), Head::Partial));
+        }
+
+        /// Valid heads with hostile header values become requests or are refused whole.
+        #[test]
+        fn hostile_header_values_never_panic(
+            name in "[A-Za-z-]{1,40}",
+            value in prop::collection::vec(any::<u8>(), 0..200),
+            path in "/[ -~]{0,200}",
+        ) {
+            let mut head = format!("GET {path} HTTP/1.1\r\n{name}: ").into_bytes();
+            head.extend_from_slice(&value);
+            head.extend_from_slice(b"\r\n\r\n");
+            let _ = parse_head(&head);
+        }
+    }
+
+    #[test]
+    fn the_valid_head_parses_with_its_headers() {
+        let Head::Complete(request) = parse_head(VALID) else {
+            panic!("a valid head");
+        };
+        assert!(
+            request
+                .uri()
+                .path()
+                .starts_with("/api/v1/chats/sse-connect/")
+        );
+        assert_eq!(request.headers()["last-event-id"], "00ab-7");
+    }
 }

@@ -299,3 +299,69 @@ async fn pending_connections_are_bounded_and_health_checks_still_answer() {
     let viewer = app.connect(Uuid::new_v4()).await;
     assert_eq!(viewer.status, 200, "viewers get in too");
 }
+
+/// xorshift64*: seeded, so a failure names the case.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_hostile_request_heads_get_an_answer_and_hurt_no_one() {
+    let app = TestApp::spawn(None, &[("HEADER_TIMEOUT_MS", "2000")]).await;
+    let room = Uuid::new_v4();
+    let mut viewer = app.connect(room).await;
+    let mut rng = 0x5eed_u64;
+    for case in 0..300 {
+        let mut junk: Vec<u8> = (0..next(&mut rng) % 300)
+            .map(|_| next(&mut rng) as u8)
+            .collect();
+        let head: Vec<u8> = match case % 5 {
+            0 => junk,
+            1 => {
+                let mut h = b"GET /api/v1/chats/sse-connect/".to_vec();
+                h.append(&mut junk);
+                h.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+                h
+            }
+            2 => {
+                let mut h =
+                    format!("GET {} HTTP/1.1\r\nLast-Event-ID: ", sse_path(room)).into_bytes();
+                h.append(&mut junk);
+                h.extend_from_slice(b"\r\n\r\n");
+                h
+            }
+            3 => format!(
+                "GET {} HTTP/1.1\r\nX: {}\r\n\r\n",
+                sse_path(room),
+                "a".repeat(20_000)
+            )
+            .into_bytes(),
+            _ => {
+                let mut h = format!("POST /api/v1/chats/{room}/messages HTTP/1.1\r\nContent-Length: {}\r\nContent-Type: application/json\r\n\r\n", junk.len()).into_bytes();
+                h.append(&mut junk);
+                h
+            }
+        };
+        let mut tcp = half_sent(&app, &head).await;
+        let _ = tcp.shutdown().await;
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("case {case}: no answer and no close"))
+            .ok();
+        if !answer.is_empty() {
+            let status = std::str::from_utf8(&answer[..answer.len().min(12)]).unwrap_or("");
+            assert!(status.starts_with("HTTP/1.1 "), "case {case}: {status:?}");
+            assert!(!status.starts_with("HTTP/1.1 5"), "case {case}: {status:?}");
+        }
+    }
+    // The server is unharmed and the viewer was not disturbed.
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    let path = format!("/api/v1/chats/{room}/messages");
+    assert_eq!(app.post(&path, r#"{"after":"fuzz"}"#).await.status(), 202);
+    let got = viewer.messages(1).await;
+    assert_eq!(got, vec![r#"{"after":"fuzz"}"#.to_string()]);
+}
