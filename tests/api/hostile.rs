@@ -365,3 +365,61 @@ async fn garbage_and_hostile_request_heads_get_an_answer_and_hurt_no_one() {
     let got = viewer.messages(1).await;
     assert_eq!(got, vec![r#"{"after":"fuzz"}"#.to_string()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_limits_below_the_file_limit_health_checks_answer_under_a_flood() {
+    // 128 descriptors in all; the limits below leave room for the server's own.
+    let vars = [("MAX_PENDING_CONNECTIONS", "16"), ("MAX_CONNECTIONS", "16")];
+    let server = crate::common::ServerProcess::spawn_with_file_limit(Some(128), &vars).await;
+    let addr = server.addr();
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        if let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await {
+            let _ = tcp.write_all(b"GET /api/v1/").await;
+            held.push(tcp);
+        }
+    }
+    let health = tokio::time::timeout(WAIT, crate::common::get(server.url("/healthz")))
+        .await
+        .expect("an answer, not a hang");
+    assert_eq!(health.unwrap().status(), 200);
+    let metrics = crate::common::get(server.url("/metrics")).await.unwrap();
+    let text = metrics.text().await.unwrap();
+    let m = crate::common::parse_metrics(&text);
+    assert!(m["chat_sync_pending_connections"] <= 16.0);
+    assert!(m["chat_sync_pending_connections_evicted_total"] >= 250.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_server_turns_clients_away_and_recovers() {
+    // Limits far above the 64 descriptors it has: accepts fail with EMFILE.
+    let server = crate::common::ServerProcess::spawn_with_file_limit(Some(64), &[]).await;
+    let addr = server.addr();
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        if let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await {
+            let _ = tcp.write_all(b"GET /api/v1/").await;
+            held.push(tcp);
+        }
+    }
+    // Waiting clients are turned away (closed), not left hanging in the backlog.
+    let last = held.pop().unwrap();
+    assert!(
+        closed_by_server(last).await,
+        "a client beyond the limit is closed"
+    );
+    drop(held);
+    wait_until("the server answers again", || async {
+        crate::common::get(server.url("/healthz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let text = crate::common::get(server.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await;
+    let m = crate::common::parse_metrics(&text.unwrap());
+    assert!(m["chat_sync_accept_errors_total"] >= 1.0);
+}

@@ -12,9 +12,23 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub async fn spawn(vars: &[(&str, &str)]) -> Self {
+        Self::spawn_with_file_limit(None, vars).await
+    }
+
+    /// With its file descriptor limit (soft and hard) set to `nofile`, through
+    /// util-linux's `prlimit`, which execs the server in place (same pid).
+    pub async fn spawn_with_file_limit(nofile: Option<u64>, vars: &[(&str, &str)]) -> Self {
         for _ in 0..10 {
             let port = free_port();
-            let mut command = Command::new(env!("CARGO_BIN_EXE_chat-sync"));
+            let binary = env!("CARGO_BIN_EXE_chat-sync");
+            let mut command = match nofile {
+                None => Command::new(binary),
+                Some(n) => {
+                    let mut c = Command::new("prlimit");
+                    c.arg(format!("--nofile={n}:{n}")).arg("--").arg(binary);
+                    c
+                }
+            };
             command
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -29,7 +43,8 @@ impl ServerProcess {
             let mut child = command.spawn().expect("start chat-sync");
             let base = format!("http://127.0.0.1:{port}");
             let http = super::http_client();
-            for _ in 0..400 {
+            // Up to 30 s: a debug build starting on a busy machine.
+            for _ in 0..1200 {
                 if child.try_wait().unwrap().is_some() {
                     break;
                 }
