@@ -247,14 +247,9 @@ async fn assert_memory_plateaus(
         (grown_kib as usize) < half_kib / 2,
         "RSS grew by {grown_kib} KiB while a further {half_kib} KiB flowed past a stalled viewer"
     );
-    let text = crate::common::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await;
-    let metrics = crate::common::parse_metrics(&text.unwrap());
     assert_eq!(
-        metrics["chat_sync_connections"], 2.0,
+        server.metric("chat_sync_connections").await,
+        2.0,
         "the stalled viewer was attached the whole time"
     );
 }
@@ -293,13 +288,7 @@ async fn a_viewer_that_stops_reading_is_dropped_without_hurting_the_others() {
     let room = Uuid::new_v4();
     let mut healthy = Subscriber::connect(&server.url(&sse_path(room)), None).await;
     let mut stalled = stalled_viewer(server.addr(), room).await;
-    let metric = |name: &'static str| {
-        let url = server.url("/metrics");
-        async move {
-            let text = crate::common::get(url).await.unwrap().text().await.unwrap();
-            crate::common::parse_metrics(&text)[name]
-        }
-    };
+    let metric = |name: &'static str| server.metric(name);
 
     // Traffic flows (and the healthy viewer keeps up with all of it) until the server
     // cuts the stalled viewer by itself; reading its socket first would unstall it.

@@ -383,11 +383,11 @@ async fn with_limits_below_the_file_limit_health_checks_answer_under_a_flood() {
         .await
         .expect("an answer, not a hang");
     assert_eq!(health.unwrap().status(), 200);
-    let metrics = crate::common::get(server.url("/metrics")).await.unwrap();
-    let text = metrics.text().await.unwrap();
-    let m = crate::common::parse_metrics(&text);
-    assert!(m["chat_sync_pending_connections"] <= 16.0);
-    assert!(m["chat_sync_pending_connections_evicted_total"] >= 250.0);
+    assert!(server.metric("chat_sync_pending_connections").await <= 16.0);
+    let evicted = server
+        .metric("chat_sync_pending_connections_evicted_total")
+        .await;
+    assert!(evicted >= 250.0, "{evicted}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,11 +415,5 @@ async fn out_of_file_descriptors_the_server_turns_clients_away_and_recovers() {
             .is_ok_and(|r| r.status() == 200)
     })
     .await;
-    let text = crate::common::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await;
-    let m = crate::common::parse_metrics(&text.unwrap());
-    assert!(m["chat_sync_accept_errors_total"] >= 1.0);
+    assert!(server.metric("chat_sync_accept_errors_total").await >= 1.0);
 }

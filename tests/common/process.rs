@@ -64,6 +64,15 @@ impl ServerProcess {
         format!("{}{}", self.base, path)
     }
 
+    /// One sample of `/metrics` (0 for a series not there yet).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = super::get(self.url("/metrics")).await.unwrap().text().await;
+        super::parse_metrics(&text.unwrap())
+            .get(series)
+            .copied()
+            .unwrap_or(0.0)
+    }
+
     pub fn addr(&self) -> std::net::SocketAddr {
         self.base.trim_start_matches("http://").parse().unwrap()
     }
