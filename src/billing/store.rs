@@ -324,6 +324,12 @@ fn eval(pipe: &mut Pipeline, script: &str, keys: &[String], args: &[String]) {
         .arg(args);
 }
 
+/// Longest wait for the store, reconnects included (the crate's response timeout does
+/// not cover a reconnect in progress). Every script is safe to run again after a
+/// timeout that hid its success: counting is idempotent, a take folds what we already
+/// hold, settling and giving back act on our own in-flight slot only.
+const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn run<T: redis::FromRedisValue + Default>(
     conn: &ConnectionManager,
     pipe: &Pipeline,
@@ -332,5 +338,12 @@ async fn run<T: redis::FromRedisValue + Default>(
         return Ok(T::default());
     }
     let mut conn = conn.clone();
-    pipe.query_async(&mut conn).await
+    match tokio::time::timeout(STORE_TIMEOUT, pipe.query_async(&mut conn)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the usage store did not answer",
+        )
+        .into()),
+    }
 }
