@@ -353,3 +353,58 @@ async fn a_report_whose_answer_is_lost_is_sent_again_with_the_same_key() {
     viewer.messages(50).await;
     assert_total_settles(&tenant, room, 150, &[&app]).await;
 }
+
+/// The bound the README states for a killed instance: it loses what it captured and had
+/// not yet counted into the store (`chat_sync_billing_uncounted`), and only for messages
+/// no other instance received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_loses_only_what_it_had_not_counted_and_nobody_else_received() {
+    let redis = RedisServer::start().await;
+    let tenant = Tenant::start().await;
+    let (url, base) = (redis.url(), tenant.base_url());
+    // a never gets to count (its flush is an hour away); b counts every 50 ms.
+    let env = |id, flush| {
+        [
+            ("REDIS_URL", url.as_str()),
+            ("TENANT_BASE_URL", base.as_str()),
+            ("BILLING_FLUSH_MS", flush),
+            ("INSTANCE_ID", id),
+        ]
+    };
+    let a = ServerProcess::spawn(&env("a", "3600000")).await;
+    let b = ServerProcess::spawn(&env("b", "50")).await;
+    let (shared, only_a) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut on_a = Subscriber::connect(&a.url(&sse_path(shared)), None).await;
+    let mut on_b = Subscriber::connect(&b.url(&sse_path(shared)), None).await;
+    let mut alone = Subscriber::connect(&a.url(&sse_path(only_a)), None).await;
+    publish_paced(&redis, shared, 0..100).await;
+    publish_paced(&redis, only_a, 0..40).await;
+    on_a.messages(100).await;
+    on_b.messages(100).await;
+    alone.messages(40).await;
+    wait_until("a holds all 140 uncounted", || async {
+        a.metric("chat_sync_billing_uncounted").await == 140.0
+    })
+    .await;
+    drop(a); // SIGKILL
+
+    wait_until("b billed the shared session", || async {
+        tenant.total(shared) >= 100
+    })
+    .await;
+    let rounds = b.metric("chat_sync_billing_flushes_total").await;
+    wait_until("two more rounds on b", || async {
+        b.metric("chat_sync_billing_flushes_total").await >= rounds + 2.0
+    })
+    .await;
+    assert_eq!(
+        tenant.total(shared),
+        100,
+        "b received them too: nothing lost"
+    );
+    assert_eq!(
+        tenant.total(only_a),
+        0,
+        "lost: exactly what a had not counted"
+    );
+}
