@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long chaos run (not in CI): two instances on one Redis (with appendonly, as the
+# The long chaos run (not in CI): two instances on one Redis (appendonly, fsync always, as the
 # README asks), 40 sessions, 300 messages/s, viewers reconnecting every 3 s, Redis
 # killed and restarted 10 times, the tenant answering 500 and then gone, instance b
 # killed and restarted, a session ended; about eight minutes. It prints the figures

@@ -23,8 +23,8 @@ impl RedisServer {
         Self::start_in(None).await
     }
 
-    /// With `appendonly yes`, as the README asks for the usage store: the data
-    /// survives `kill -9` and a restart.
+    /// With `appendonly yes` and `appendfsync always`, as the README asks for the
+    /// usage store: what it acknowledged survives `kill -9` and a restart.
     pub async fn start_persistent() -> Self {
         let dir = std::env::temp_dir().join(format!("chat-sync-redis-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -55,7 +55,9 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--protected-mode", "no", "--loglevel", "warning"]);
         match &self.dir {
-            Some(dir) => command.args(["--appendonly", "yes", "--dir"]).arg(dir),
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
             None => command.args(["--appendonly", "no"]),
         };
         let child = command
