@@ -98,6 +98,7 @@ async fn serve_http(
     first: FirstRequest,
 ) {
     let FirstRequest { deadline, guard } = first;
+    let evicted = guard.evicted.clone();
     let arrived = Arc::new(Notify::new());
     let waiting = Arc::new(std::sync::Mutex::new(Some(guard)));
     let service = {
@@ -112,18 +113,11 @@ async fn serve_http(
     };
     let connection = http.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
-    let evicted = async {
-        let guard = waiting.lock().unwrap().as_ref().map(|g| g.evicted.clone());
-        match guard {
-            Some(token) => token.cancelled_owned().await,
-            None => std::future::pending().await,
-        }
-    };
     tokio::select! {
         _ = connection.as_mut() => return,
         () = arrived.notified() => {}
         () = tokio::time::sleep_until(deadline) => return,
-        () = evicted => return,
+        () = evicted.cancelled() => return,
     }
     tokio::select! {
         _ = connection.as_mut() => return,
