@@ -7,7 +7,10 @@ use futures::future::join_all;
 use uuid::Uuid;
 
 use crate::common::tenant::Tenant;
-use crate::common::{RedisServer, ServerProcess, Subscriber, TestApp, chat, sse_path, wait_until};
+use crate::common::{
+    RedisServer, ServerProcess, Subscriber, TestApp, chat, sse_path, wait_billing_settled,
+    wait_until,
+};
 
 async fn publish_paced(redis: &RedisServer, room: Uuid, range: std::ops::Range<usize>) {
     let mut conn = redis.conn().await;
@@ -30,15 +33,7 @@ async fn assert_total_settles(tenant: &Tenant, room: Uuid, n: u64, apps: &[&Test
     })
     .await;
     for app in apps {
-        wait_until("nothing is pending", || async {
-            app.metric("chat_sync_billing_pending").await == 0.0
-        })
-        .await;
-        let flushes = app.metric("chat_sync_billing_flushes_total").await;
-        wait_until("two more flushes", || async {
-            app.metric("chat_sync_billing_flushes_total").await >= flushes + 2.0
-        })
-        .await;
+        wait_billing_settled(|series| app.metric(series)).await;
     }
     assert_eq!(tenant.total(room), n, "reports: {:?}", tenant.reports(room));
 }
@@ -246,7 +241,7 @@ async fn sigterm_flushes_pending_usage_before_exit() {
     );
 
     server.terminate();
-    let (code, _) = server.wait_exit(Duration::from_secs(20)).await;
+    let code = server.wait_exit().await;
     assert_eq!(code, Some(0));
     assert_eq!(
         tenant.total(room),
@@ -392,11 +387,7 @@ async fn a_killed_instance_loses_only_what_it_had_not_counted_and_nobody_else_re
         tenant.total(shared) >= 100
     })
     .await;
-    let rounds = b.metric("chat_sync_billing_flushes_total").await;
-    wait_until("two more rounds on b", || async {
-        b.metric("chat_sync_billing_flushes_total").await >= rounds + 2.0
-    })
-    .await;
+    wait_billing_settled(|series| b.metric(series)).await;
     assert_eq!(
         tenant.total(shared),
         100,

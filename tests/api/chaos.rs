@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::common::tenant::Tenant;
 use crate::common::{
-    RedisServer, ServerProcess, Subscriber, WAIT, batch, parse_metrics, patient, sse_path,
-    wait_until,
+    RedisServer, ServerProcess, Subscriber, WAIT, batch, chat, metric_at, patient, seq_of,
+    sse_path, wait_billing_settled, wait_until,
 };
 
 /// How hard and how long to push.
@@ -51,20 +51,9 @@ fn served_by(plan: &Plan, i: usize) -> &'static [usize] {
     }
 }
 
+/// A chat message numbered `seq` within session `session` (the harness's shape).
 fn payload(session: usize, seq: u64) -> String {
-    serde_json::json!({
-        "id": format!("p{session}"),
-        "nickname": "chaos",
-        "message": format!("message {seq} of session {session}"),
-        "createdAt": "2026-11-26T10:15:30.123",
-        "seq": seq,
-    })
-    .to_string()
-}
-
-fn seq_of(payload: &str) -> u64 {
-    let v: serde_json::Value = serde_json::from_str(payload).unwrap();
-    v["seq"].as_u64().unwrap()
+    chat(&format!("p{session}"), seq as usize)
 }
 
 /// One chat-sync process that the test can kill and start again (on a new port).
@@ -109,13 +98,8 @@ impl Instance {
     }
 
     async fn metric(&self, series: &str) -> f64 {
-        let text = crate::common::get(self.url("/metrics").await)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        parse_metrics(&text).get(series).copied().unwrap_or(0.0)
+        let base = self.base.read().await.clone();
+        metric_at(&base, series).await
     }
 
     async fn ready(&self) -> bool {
@@ -183,7 +167,7 @@ async fn watch(
                 "end" => seen.ended = true,
                 "shutdown" => {}
                 "message" => {
-                    for seq in batch(&event).iter().map(|p| seq_of(p)) {
+                    for seq in batch(&event).iter().map(|p| seq_of(p).1 as u64) {
                         match seen.last_seq {
                             Some(last) if seq <= last => seen
                                 .violations
@@ -480,15 +464,7 @@ async fn run(plan: Plan) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for instance in &instances {
-        wait_until("nothing is pending", || async {
-            instance.metric("chat_sync_billing_pending").await == 0.0
-        })
-        .await;
-        let rounds = instance.metric("chat_sync_billing_flushes_total").await;
-        wait_until("two more report rounds", || async {
-            instance.metric("chat_sync_billing_flushes_total").await >= rounds + 2.0
-        })
-        .await;
+        wait_billing_settled(|series| instance.metric(series)).await;
     }
     let billed = billed();
     let resets: u64 = viewers

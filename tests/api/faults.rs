@@ -1,8 +1,6 @@
 //! The bad day: Redis restarts, clients that vanish and come back, clients that stop
 //! reading, limits, and shutdown.
 
-use std::time::Duration;
-
 use futures::future::join_all;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
@@ -399,26 +397,25 @@ async fn limits_answer_503_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_sessions_answer_204_until_the_ttl_passes() {
-    const TTL: Duration = Duration::from_millis(2000);
-    let app = TestApp::spawn(None, &[("ENDED_SESSION_TTL_MS", "2000")]).await;
-    let room = Uuid::new_v4();
-    let mut viewer = app.connect(room).await;
-    let ending = std::time::Instant::now();
-    assert_eq!(
-        app.post(&format!("/api/v1/chats/{room}/end"), "")
-            .await
-            .status(),
-        202
-    );
-    assert_eq!(viewer.next_event().await.unwrap().event, "end");
-    let status = app.get(&sse_path(room)).await.status();
-    // A machine so slow that the TTL passed already cannot tell; it must not fail.
-    assert!(
-        status == 204 || ending.elapsed() >= TTL,
-        "{status} right after the end"
-    );
+    /// Ends a session on `app` and returns its id once its viewer saw the end.
+    async fn end_one(app: &TestApp) -> Uuid {
+        let room = Uuid::new_v4();
+        let mut viewer = app.connect(room).await;
+        let end = format!("/api/v1/chats/{room}/end");
+        assert_eq!(app.post(&end, "").await.status(), 202);
+        assert_eq!(viewer.next_event().await.unwrap().event, "end");
+        room
+    }
+    // A TTL far beyond the test: 204, on any machine.
+    let lasting = TestApp::spawn(None, &[("ENDED_SESSION_TTL_MS", "3600000")]).await;
+    let room = end_one(&lasting).await;
+    assert_eq!(lasting.get(&sse_path(room)).await.status(), 204);
+    assert_eq!(lasting.get(&sse_path(room)).await.status(), 204);
+    // A short one: the id can be used again once it has passed.
+    let brief = TestApp::spawn(None, &[("ENDED_SESSION_TTL_MS", "300")]).await;
+    let room = end_one(&brief).await;
     wait_until("the session id can be used again", || async {
-        app.get(&sse_path(room)).await.status() == 200
+        brief.get(&sse_path(room)).await.status() == 200
     })
     .await;
 }
@@ -471,7 +468,7 @@ async fn sigterm_ends_every_stream_and_exits_within_the_drain_time() {
     server.terminate();
     // Every stream closes at once, so the process exits well before the drain time
     // would cut them; how fast is a machine's figure, not a property to assert.
-    let (code, _) = server.wait_exit(WAIT).await;
+    let code = server.wait_exit().await;
     assert_eq!(code, Some(0));
     for viewer in &mut viewers {
         let event = viewer.next_event().await.expect("a shutdown event");

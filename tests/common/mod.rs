@@ -56,6 +56,15 @@ pub fn http_client() -> reqwest::Client {
         .clone()
 }
 
+/// One sample of the `/metrics` of the server at `base` (0 for a series not there yet).
+pub async fn metric_at(base: &str, series: &str) -> f64 {
+    let text = get(format!("{base}/metrics")).await.unwrap().text().await;
+    parse_metrics(&text.unwrap())
+        .get(series)
+        .copied()
+        .unwrap_or(0.0)
+}
+
 /// `GET url` with the shared client.
 pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
     http_client().get(url).send().await
@@ -339,6 +348,25 @@ pub fn seq_of(payload: &str) -> (String, usize) {
         v["id"].as_str().unwrap().to_string(),
         v["seq"].as_u64().unwrap() as usize,
     )
+}
+
+/// Waits until an instance (read through `metric`, one `/metrics` series) has nothing
+/// pending for the tenant and has completed two more report rounds since: a count
+/// reported twice would have been sent by then.
+pub async fn wait_billing_settled<F, Fut>(metric: F)
+where
+    F: Fn(&'static str) -> Fut,
+    Fut: Future<Output = f64>,
+{
+    wait_until("nothing is pending", || async {
+        metric("chat_sync_billing_pending").await == 0.0
+    })
+    .await;
+    let rounds = metric("chat_sync_billing_flushes_total").await;
+    wait_until("two more report rounds", || async {
+        metric("chat_sync_billing_flushes_total").await >= rounds + 2.0
+    })
+    .await;
 }
 
 /// Polls `condition` until it holds; panics with `what` after [`WAIT`].

@@ -66,11 +66,7 @@ impl ServerProcess {
 
     /// One sample of `/metrics` (0 for a series not there yet).
     pub async fn metric(&self, series: &str) -> f64 {
-        let text = super::get(self.url("/metrics")).await.unwrap().text().await;
-        super::parse_metrics(&text.unwrap())
-            .get(series)
-            .copied()
-            .unwrap_or(0.0)
+        super::metric_at(&self.base, series).await
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
@@ -90,19 +86,19 @@ impl ServerProcess {
         assert!(status.success());
     }
 
-    /// Waits for the process to exit; returns its exit code and how long it took.
-    pub async fn wait_exit(&mut self, limit: Duration) -> (Option<i32>, Duration) {
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), start.elapsed());
+    /// Waits for the process to exit (panics after [`super::WAIT`]); its exit code.
+    pub async fn wait_exit(&mut self) -> Option<i32> {
+        let exited = async {
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status.code();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            assert!(
-                start.elapsed() < limit,
-                "chat-sync still running after {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        };
+        tokio::time::timeout(super::WAIT, exited)
+            .await
+            .expect("chat-sync still running after the wait")
     }
 }
 
