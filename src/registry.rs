@@ -19,7 +19,7 @@ use crate::frame::{self, EventId};
 use crate::metrics::Metrics;
 use crate::replay::{ReplayBuffer, Resume};
 use crate::session::{Session, Sessions, Signal};
-use crate::subscription::{Slots, SubscriberGuard, Subscription};
+use crate::subscription::{Full, Slots, SubscriberGuard, Subscription};
 
 /// Why a subscriber was not admitted.
 #[derive(Debug, thiserror::Error)]
@@ -185,13 +185,12 @@ impl Registry {
                 return Err(AttachError::Ended);
             }
         }
-        if !self.slots.open(self.limits.max_connections) {
-            return Err(AttachError::TooManyConnections);
-        }
-        if !self.slots.clients.open_stream(client) {
-            self.slots.release_connection();
-            return Err(AttachError::TooManyClientStreams);
-        }
+        self.slots
+            .open(self.limits.max_connections, client)
+            .map_err(|full| match full {
+                Full::Instance => AttachError::TooManyConnections,
+                Full::Client => AttachError::TooManyClientStreams,
+            })?;
         let session = match self.join_session(id, client) {
             Ok(session) => session,
             Err(e) => {

@@ -28,6 +28,13 @@ pub struct Subscription {
     over: bool,
 }
 
+/// Whose share of stream slots is taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Full {
+    Instance,
+    Client,
+}
+
 /// The stream slots subscribers take: the instance's count and each client's share.
 pub struct Slots {
     pub connections: AtomicUsize,
@@ -44,25 +51,26 @@ impl Slots {
         }
     }
 
-    /// Takes an instance-wide slot unless all `max` are taken.
-    pub fn open(&self, max: usize) -> bool {
+    /// Takes an instance-wide slot (unless all `max` are taken) and one of `client`'s
+    /// (unless it has its share); both or neither.
+    pub fn open(&self, max: usize, client: IpAddr) -> Result<(), Full> {
         if self.connections.fetch_add(1, Ordering::AcqRel) >= max {
             self.connections.fetch_sub(1, Ordering::AcqRel);
-            return false;
+            return Err(Full::Instance);
+        }
+        if !self.clients.open_stream(client) {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(Full::Client);
         }
         self.metrics.connections.inc();
-        true
+        Ok(())
     }
 
-    pub fn release_connection(&self) {
-        self.connections.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.connections.dec();
-    }
-
-    /// Gives back an instance-wide slot and `client`'s.
+    /// Gives back what [`Slots::open`] took.
     pub fn release(&self, client: IpAddr) {
         self.clients.close_stream(client);
-        self.release_connection();
+        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections.dec();
     }
 }
 
