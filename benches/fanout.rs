@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chat_sync::broker::{Broker, BrokerEvent, Sink};
 use chat_sync::fanout::{Ticker, Usage};
+use chat_sync::history::History;
 use chat_sync::metrics::Metrics;
 use chat_sync::registry::{Limits, Registry};
 use chat_sync::session::Sessions;
@@ -46,9 +47,11 @@ fn setup(subscribers: usize) -> (Ticker, Arc<Sessions>, Uuid, Vec<Subscription>)
         max_streams_per_client: usize::MAX,
         new_sessions_per_client: u32::MAX,
     };
+    let history = Arc::new(History::disabled(metrics.clone()));
     let registry = Arc::new(Registry::new(
         sessions.clone(),
         Broker::memory(sink),
+        history.clone(),
         limits,
         metrics,
     ));
@@ -68,6 +71,7 @@ fn setup(subscribers: usize) -> (Ticker, Arc<Sessions>, Uuid, Vec<Subscription>)
         tick: Duration::from_millis(24),
         heartbeat: Duration::from_secs(3600),
         usage: Arc::new(NoUsage),
+        history,
     };
     (ticker, sessions, room, subs)
 }

@@ -15,6 +15,7 @@ use crate::billing::Billing;
 use crate::broker::{Broker, Sink};
 use crate::config::Config;
 use crate::fanout::Ticker;
+use crate::history::History;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::net::StreamListener;
@@ -31,6 +32,7 @@ pub struct Application {
     state: AppState,
     ticker: Ticker,
     billing: Arc<Billing>,
+    history: Arc<History>,
     tasks: TaskTracker,
     /// Stops the background tasks (broker, ticker) once HTTP has drained.
     background: CancellationToken,
@@ -57,9 +59,13 @@ impl Application {
             Some(info) => Broker::redis(info.clone(), sink, &tasks, background.clone())
                 .context("cannot set up the Redis connection")?,
         };
+        let history = Arc::new(
+            History::new(&config, metrics.clone()).context("cannot set up the shared history")?,
+        );
         let registry = Arc::new(Registry::new(
             sessions,
             broker.clone(),
+            history.clone(),
             Limits::from(config.as_ref()),
             metrics.clone(),
         ));
@@ -72,6 +78,7 @@ impl Application {
             tick: config.tick,
             heartbeat: config.heartbeat,
             usage: billing.clone(),
+            history: history.clone(),
         };
         raise_file_limit(&config);
         let listener = bind(SocketAddr::new(config.bind, config.port))
@@ -98,6 +105,7 @@ impl Application {
             },
             ticker,
             billing,
+            history,
             tasks,
             background,
         })
@@ -118,13 +126,17 @@ impl Application {
             state,
             ticker,
             billing,
+            history,
             tasks,
             background,
         } = self;
         let registry = state.registry.clone();
+        let broker = state.broker.clone();
         let timeout = state.config.shutdown_timeout;
+        let handover = state.config.shutdown_handover;
         tasks.spawn(ticker.run(background.clone()));
         tasks.spawn(billing.clone().run(background.clone()));
+        tasks.spawn(history.clone().run(state.config.tick, background.clone()));
 
         let header_timeout = state.config.header_timeout;
         let pending = state.pending.clone();
@@ -148,7 +160,8 @@ impl Application {
 
         shutdown.await;
         tracing::info!(connections = registry.connection_count(), "shutting down");
-        registry.shutdown();
+        let watched = registry.shutdown();
+        history.stopping();
         drain.cancel();
         server.await.context("the accept loop panicked")?;
         connections.close();
@@ -163,6 +176,9 @@ impl Application {
             abort.cancel();
             connections.wait().await;
         }
+        // Viewers reconnect elsewhere; stay subscribed until their sessions are served
+        // there, so that they resume exactly.
+        history.handover(&broker, watched, handover).await;
         background.cancel();
         tasks.close();
         if tokio::time::timeout(timeout, tasks.wait()).await.is_err() {

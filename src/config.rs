@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
 
+use crate::position;
+
 /// Why the configuration was refused. Every variant names the variable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -95,6 +97,16 @@ pub struct Config {
     pub new_sessions_per_client: u32,
     /// Proxies whose `X-Forwarded-For` / `Forwarded` is believed; nobody else's is.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Messages per session kept in the shared history in Redis; 0 turns it off.
+    pub history_messages: usize,
+    /// Bytes per session kept in the shared history.
+    pub history_bytes: usize,
+    /// Longest wait of a session that starts being served here for the instances
+    /// already serving it to say where it joins their stream.
+    pub handover_wait: Duration,
+    /// Longest time a stopping instance keeps serving its sessions' history after its
+    /// viewers left, until other instances took them over.
+    pub shutdown_handover: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -168,7 +180,22 @@ impl Config {
             new_sessions_per_client: env.count("NEW_SESSIONS_PER_CLIENT", 20, 1..=1_000_000)?
                 as u32,
             trusted_proxies: trusted_proxies(&env)?,
+            history_messages: env.count("HISTORY_MESSAGES", position::WINDOW, 0..=1_000_000)?,
+            history_bytes: env.count("HISTORY_BYTES", 1 << 20, 1_024..=1 << 30)?,
+            handover_wait: env.millis("HANDOVER_WAIT_MS", 2_000, 0..=60_000)?,
+            shutdown_handover: env.millis("SHUTDOWN_HANDOVER_MS", 10_000, 0..=600_000)?,
         };
+        if (1..position::WINDOW).contains(&config.history_messages) {
+            return Err(ConfigError::Rejected {
+                var: "HISTORY_MESSAGES",
+                reason: format!(
+                    "{} is below {}: instances could name repeated messages differently \
+                     (0 turns the history off)",
+                    config.history_messages,
+                    position::WINDOW
+                ),
+            });
+        }
         if config.inbox_bytes < config.max_message_bytes {
             return Err(ConfigError::Rejected {
                 var: "INBOX_BYTES",
@@ -386,6 +413,8 @@ mod tests {
             ("REDIS_URL", "http://nope"),
             ("TENANT_BASE_URL", "tenant.local"),
             ("CORS_ALLOWED_ORIGINS", "example.com"),
+            ("HISTORY_MESSAGES", "10"),
+            ("HANDOVER_WAIT_MS", "soon"),
         ] {
             let err = config(&[(var, value), ("REDIS_IP", "127.0.0.1")])
                 .err()

@@ -14,7 +14,9 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::frame::{self, EventId};
+use crate::frame;
+use crate::history::{History, Item};
+use crate::position::Position;
 use crate::registry::Registry;
 use crate::session::{Outbox, Session, Signal};
 
@@ -35,6 +37,7 @@ pub struct Ticker {
     pub tick: Duration,
     pub heartbeat: Duration,
     pub usage: Arc<dyn Usage>,
+    pub history: Arc<History>,
 }
 
 impl Ticker {
@@ -56,7 +59,7 @@ impl Ticker {
                 for freed in self.registry.reap(now) {
                     // Freed either way; `settle` only says whether it also ended.
                     self.settle(&freed, now);
-                    self.usage.closed(freed.id);
+                    self.closed(freed.id);
                 }
             }
             let spent = now.elapsed();
@@ -76,9 +79,14 @@ impl Ticker {
         sessions.extend(self.registry.sessions.map.iter().map(|s| s.value().clone()));
         for session in sessions.drain(..) {
             if self.settle(&session, now) {
-                self.usage.closed(session.id);
+                self.closed(session.id);
             }
         }
+    }
+
+    fn closed(&self, session: Uuid) {
+        self.usage.closed(session);
+        self.history.closed(session);
     }
 
     /// Captures and fans out one session, and frees it if it ended; returns whether it
@@ -94,13 +102,19 @@ impl Ticker {
     }
 
     /// Captures and fans out one session; returns the end payload if the session ended.
+    /// A session still joining the shared history is left to fill its inbox.
     fn capture(&self, session: &Session, now: Instant) -> Option<Bytes> {
         let mut outbox = session.outbox.lock().unwrap();
-        let (messages, end, gaps) = {
+        let joined = session.joined.initialized();
+        let (messages, end, gaps, asks) = {
             let mut inbox = session.inbox.lock().unwrap();
             // The end payload stays in the inbox so that later messages are refused.
             let end = inbox.end.clone().filter(|_| !outbox.closed);
-            if inbox.messages.is_empty() && end.is_none() && inbox.gaps.is_empty() {
+            let idle = inbox.messages.is_empty()
+                && end.is_none()
+                && inbox.gaps.is_empty()
+                && inbox.asks.is_empty();
+            if idle || !joined {
                 drop(inbox);
                 if now.duration_since(outbox.last_sent) >= self.heartbeat {
                     outbox.last_sent = now;
@@ -109,25 +123,45 @@ impl Ticker {
                 return None;
             }
             let gaps = std::mem::take(&mut inbox.gaps);
+            let asks = std::mem::take(&mut inbox.asks);
             inbox.bytes = 0;
-            (std::mem::take(&mut inbox.messages), end, gaps)
+            (std::mem::take(&mut inbox.messages), end, gaps, asks)
         };
+        let fingerprints = name(&mut outbox, &messages, &gaps);
         // Messages from before each broker outage, then the `reset` that marks it, then
         // what arrived once Redis was back: the gap is shown exactly where it is.
         let mut start = 0;
         for &at in &gaps {
-            self.send_batch(session, &mut outbox, &messages[start..at]);
+            self.send_batch(
+                session,
+                &mut outbox,
+                &messages[start..at],
+                &fingerprints[start..at],
+            );
             start = at;
             // Redis pub/sub keeps nothing while disconnected: say so, in order, and keep
             // the notice in the replay buffer for clients resuming across the gap.
-            let seq = outbox.replay.head() + 1;
-            let notice = frame::reset(self.id(seq), "broker reconnected; messages may be lost");
-            outbox.replay.push(notice);
+            let last = outbox.replay.last_message();
+            let id = (last != 0).then_some(Position {
+                after: last,
+                reset: true,
+            });
+            let notice = frame::reset(id, "broker reconnected; messages may be lost");
+            let seq = outbox.replay.push_notice(notice);
             let _ = outbox.tx.send(Signal::Frame(seq));
         }
-        self.send_batch(session, &mut outbox, &messages[start..]);
+        self.send_batch(
+            session,
+            &mut outbox,
+            &messages[start..],
+            &fingerprints[start..],
+        );
         if !messages.is_empty() {
             self.usage.captured(session.id, &messages);
+        }
+        if self.history.enabled() {
+            self.history
+                .record(session.id, items(&messages, &fingerprints, &gaps, &asks));
         }
         outbox.last_sent = now;
         let end = end?;
@@ -138,7 +172,13 @@ impl Ticker {
 
     /// Frames `messages` (if any) once, records the batch for resume and hands it to
     /// every subscriber.
-    fn send_batch(&self, session: &Session, outbox: &mut Outbox, messages: &[Bytes]) {
+    fn send_batch(
+        &self,
+        session: &Session,
+        outbox: &mut Outbox,
+        messages: &[Bytes],
+        fingerprints: &[u64],
+    ) {
         if messages.is_empty() {
             return;
         }
@@ -148,10 +188,10 @@ impl Ticker {
             session.established.store(true, Ordering::Release);
         }
         let count = messages.len() as u64;
-        let seq = outbox.replay.head() + 1;
-        let batch = frame::batch(self.id(seq), messages);
-        let bytes = batch.len() as u64;
-        outbox.replay.push(batch);
+        let last = *fingerprints.last().expect("one per message");
+        let batch = frame::batch(Position::after(last), messages);
+        let bytes = batch.bytes.len() as u64;
+        let seq = outbox.replay.push_batch(batch, fingerprints.to_vec());
         metrics.batches.inc();
         metrics.batch_size.observe(count as f64);
         metrics.usage_captured.inc_by(count);
@@ -160,11 +200,46 @@ impl Ticker {
         metrics.bytes_delivered.inc_by(bytes * receivers);
         let _ = outbox.tx.send(Signal::Frame(seq));
     }
+}
 
-    fn id(&self, seq: u64) -> EventId {
-        EventId {
-            boot: self.registry.boot,
-            seq,
+/// Fingerprints the captured messages in order, counting afresh after each gap.
+fn name(outbox: &mut Outbox, messages: &[Bytes], gaps: &[usize]) -> Vec<u64> {
+    let mut gaps = gaps.iter().peekable();
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, message) in messages.iter().enumerate() {
+        while gaps.next_if(|&&at| at == i).is_some() {
+            outbox.fingerprints.gap();
         }
+        out.push(outbox.fingerprints.next(message));
     }
+    if gaps.next().is_some() {
+        outbox.fingerprints.gap();
+    }
+    out
+}
+
+/// The capture as the history writer sees it: messages, gaps and join requests in the
+/// order they arrived.
+fn items(
+    messages: &[Bytes],
+    fingerprints: &[u64],
+    gaps: &[usize],
+    asks: &[(usize, u64)],
+) -> Vec<Item> {
+    let mut out = Vec::with_capacity(messages.len() + gaps.len() + asks.len());
+    let (mut gaps, mut asks) = (gaps.iter().peekable(), asks.iter().peekable());
+    let mut marks = |i: usize, out: &mut Vec<Item>| {
+        while gaps.next_if(|&&at| at == i).is_some() {
+            out.push(Item::Gap);
+        }
+        while let Some(&(_, ask)) = asks.next_if(|(at, _)| *at == i) {
+            out.push(Item::Ask(ask));
+        }
+    };
+    for (i, (message, fp)) in messages.iter().zip(fingerprints).enumerate() {
+        marks(i, &mut out);
+        out.push(Item::Message(*fp, message.clone()));
+    }
+    marks(messages.len(), &mut out);
+    out
 }

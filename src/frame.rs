@@ -6,34 +6,17 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::position::Position;
+
 /// The comment line that keeps idle streams (and the proxies in front of them) open.
 pub const HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");
 
-/// Identifies a batch so that a reconnecting client can say what it already has.
-///
-/// `boot` is random per process start, so ids never collide across restarts or
-/// instances; `seq` counts the session's batches on this instance from 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EventId {
-    pub boot: u64,
-    pub seq: u64,
-}
-
-impl EventId {
-    /// Parses a `Last-Event-ID` header; anything malformed is simply unknown.
-    pub fn parse(raw: &str) -> Option<Self> {
-        let (boot, seq) = raw.trim().split_once('-')?;
-        Some(Self {
-            boot: u64::from_str_radix(boot, 16).ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-}
-
-impl std::fmt::Display for EventId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}-{}", self.boot, self.seq)
-    }
+/// A framed batch and where each payload's JSON string starts in it, so that a
+/// resume landing inside the batch can be served the rest of it without re-encoding.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub bytes: Bytes,
+    pub offsets: Vec<u32>,
 }
 
 /// One batch: `id: ..` and `data: ["<payload>", ...]`, the original service's format.
@@ -41,19 +24,36 @@ impl std::fmt::Display for EventId {
 /// Each payload becomes a JSON string, so quotes, newlines and `\n\ndata:` inside a
 /// payload are escaped and can neither break the array nor inject SSE lines. Payloads
 /// that are not UTF-8 are forwarded with U+FFFD in place of the invalid bytes.
-pub fn batch(id: EventId, payloads: &[Bytes]) -> Bytes {
+pub fn batch(id: Position, payloads: &[Bytes]) -> Batch {
     let body: usize = payloads.iter().map(|p| p.len() + 8).sum();
     let mut out = BytesMut::with_capacity(body + 48);
     put_id(&mut out, id);
     out.put_slice(b"data: [");
+    let mut offsets = Vec::with_capacity(payloads.len());
     for (i, payload) in payloads.iter().enumerate() {
         if i > 0 {
             out.put_u8(b',');
         }
+        offsets.push(out.len() as u32);
         let text = String::from_utf8_lossy(payload);
         serde_json::to_writer((&mut out).writer(), text.as_ref())
             .expect("writing a string into memory cannot fail");
     }
+    out.put_slice(b"]\n\n");
+    Batch {
+        bytes: out.freeze(),
+        offsets,
+    }
+}
+
+/// The payloads of `batch` from the one starting at `offset` on, as a batch of their
+/// own named `id` (the original batch's last message).
+pub fn tail(batch: &Bytes, offset: u32, id: Position) -> Bytes {
+    let rest = &batch[offset as usize..batch.len() - b"]\n\n".len()];
+    let mut out = BytesMut::with_capacity(rest.len() + 48);
+    put_id(&mut out, id);
+    out.put_slice(b"data: [");
+    out.put_slice(rest);
     out.put_slice(b"]\n\n");
     out.freeze()
 }
@@ -65,9 +65,9 @@ pub fn end(payload: &[u8]) -> Bytes {
 
 /// Tells a client that batches it asked for are gone; `id` is where it now stands,
 /// so a later reconnect resumes from here rather than from the lost position.
-pub fn reset(id: EventId, reason: &str) -> Bytes {
+pub fn reset(id: Option<Position>, reason: &str) -> Bytes {
     let data = serde_json::json!({ "reason": reason }).to_string();
-    named_event("reset", Some(id), &data)
+    named_event("reset", id, &data)
 }
 
 /// Sent to every subscriber when this instance shuts down; the stream then closes and
@@ -81,7 +81,7 @@ pub fn retry(delay: Duration) -> Bytes {
     Bytes::from(format!("retry: {}\n\n", delay.as_millis()))
 }
 
-fn put_id(out: &mut BytesMut, id: EventId) {
+fn put_id(out: &mut BytesMut, id: Position) {
     let mut line = String::with_capacity(40);
     let _ = writeln!(line, "id: {id}");
     out.put_slice(line.as_bytes());
@@ -89,7 +89,7 @@ fn put_id(out: &mut BytesMut, id: EventId) {
 
 /// A named event whose data may span lines: each line gets its own `data:` field, which
 /// the client joins back with `\n`, so a line break can never end the event early.
-fn named_event(name: &str, id: Option<EventId>, data: &str) -> Bytes {
+fn named_event(name: &str, id: Option<Position>, data: &str) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 64);
     if let Some(id) = id {
         put_id(&mut out, id);
@@ -121,7 +121,7 @@ mod tests {
             payloads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 1..8),
         ) {
             let payloads: Vec<Bytes> = payloads.into_iter().map(Bytes::from).collect();
-            let frame = batch(ID, &payloads);
+            let frame = batch(ID, &payloads).bytes;
             let text = std::str::from_utf8(&frame).unwrap();
             prop_assert_eq!(text.matches('\n').count(), 3);
             prop_assert!(text.ends_with("]\n\n"));
@@ -134,25 +134,48 @@ mod tests {
 
         #[test]
         fn any_last_event_id_parses_or_is_unknown(raw in ".{0,64}") {
-            let _ = EventId::parse(&raw);
+            let _ = Position::parse(&raw);
+        }
+
+        /// A resume inside a batch gets exactly the payloads after its position.
+        #[test]
+        fn a_batch_cut_at_any_payload_holds_the_rest(
+            payloads in prop::collection::vec(".{0,16}", 1..8),
+            cut in 0usize..8,
+        ) {
+            let payloads: Vec<Bytes> = payloads.into_iter().map(Bytes::from).collect();
+            let cut = cut % payloads.len();
+            let framed = batch(ID, &payloads);
+            let rest = tail(&framed.bytes, framed.offsets[cut], ID);
+            let text = std::str::from_utf8(&rest).unwrap();
+            let data = text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
+            let parsed: Vec<String> = serde_json::from_str(data).unwrap();
+            let expected: Vec<String> = payloads[cut..]
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
+            prop_assert_eq!(parsed, expected);
         }
     }
 
-    const ID: EventId = EventId { boot: 0xab, seq: 7 };
+    const ID: Position = Position {
+        after: 0xab,
+        reset: false,
+    };
 
     #[test]
     fn batch_is_a_json_array_of_payload_strings() {
-        let frame = batch(ID, &[Bytes::from_static(br#"{"id":"p1","message":"hi"}"#)]);
+        let frame = batch(ID, &[Bytes::from_static(br#"{"id":"p1","message":"hi"}"#)]).bytes;
         assert_eq!(
             frame,
-            "id: 00000000000000ab-7\ndata: [\"{\\\"id\\\":\\\"p1\\\",\\\"message\\\":\\\"hi\\\"}\"]\n\n"
+            "id: 00000000000000ab\ndata: [\"{\\\"id\\\":\\\"p1\\\",\\\"message\\\":\\\"hi\\\"}\"]\n\n"
         );
     }
 
     #[test]
     fn payloads_cannot_inject_sse_lines() {
         let evil = Bytes::from_static(b"x\n\ndata: injected\r\nevent: end\n\n");
-        let frame = batch(ID, &[evil.clone(), Bytes::from_static(b"\xff")]);
+        let frame = batch(ID, &[evil.clone(), Bytes::from_static(b"\xff")]).bytes;
         let text = std::str::from_utf8(&frame).unwrap();
         assert_eq!(
             text.matches('\n').count(),
@@ -177,13 +200,5 @@ mod tests {
         assert!(text.starts_with("event: end\ndata: {\"id\":1,\ndata: \"x\":2}\n"));
         assert_eq!(text.matches("\n\n").count(), 1);
         assert!(text.ends_with("data: event: other\n\n"));
-    }
-
-    #[test]
-    fn event_ids_round_trip_and_reject_garbage() {
-        assert_eq!(EventId::parse(&ID.to_string()), Some(ID));
-        for bad in ["", "7", "zz-1", "ab-", "ab-x", "-1"] {
-            assert_eq!(EventId::parse(bad), None, "{bad}");
-        }
     }
 }

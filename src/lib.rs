@@ -2,9 +2,10 @@
 //!
 //! The data's path, top to bottom: [`broker`] receives payloads from Redis (or the
 //! in-process broker) into [`session`] inboxes; every tick [`fanout`] captures them,
-//! frames each batch once ([`frame`]), keeps it for resume ([`replay`]) and broadcasts
-//! it; [`sse`] streams it to each viewer admitted by [`registry`]; [`http`] is the API; [`billing`] reports
-//! the captured counts to the tenant.
+//! names each message ([`position`]), frames each batch once ([`frame`]), keeps it for
+//! resume ([`replay`]), writes it to the shared [`history`] and broadcasts it; [`sse`]
+//! streams it to each viewer admitted by [`registry`]; [`http`] is the API; [`billing`]
+//! reports the captured counts to the tenant.
 
 pub mod app;
 pub mod billing;
@@ -14,9 +15,11 @@ pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod frame;
+pub mod history;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod position;
 pub mod registry;
 pub mod replay;
 pub mod server;

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub billing_flushes: Counter,
     pub billing_dropped: Counter,
     pub billing_store_resets: Counter,
+    pub history_joins: Family<Outcome, Counter>,
+    pub history_write_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -83,6 +85,8 @@ impl Metrics {
             billing_flushes: Counter::default(),
             billing_dropped: Counter::default(),
             billing_store_resets: Counter::default(),
+            history_joins: Family::default(),
+            history_write_errors: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -194,6 +198,17 @@ impl Metrics {
             "Times the usage store in Redis was found to have lost its state (restart without persistence)",
             m.billing_store_resets.clone(),
         );
+        r.register(
+            "history_joins",
+            "Sessions this instance started serving, by how they joined the shared history \
+             (answered/overlap: exactly; empty: nothing before; unanswered/unreadable: with a reset)",
+            m.history_joins.clone(),
+        );
+        r.register(
+            "history_write_errors",
+            "Rounds of writes to the shared history that failed (the history marks a gap)",
+            m.history_write_errors.clone(),
+        );
         // Every known label value starts at 0, so dashboards and rate() see the series
         // before the first event (an empty family is not exposed at all).
         for reason in [
@@ -202,6 +217,7 @@ impl Metrics {
             "inbox_full",
             "unknown_session",
             "after_end",
+            "bad_join_request",
         ] {
             m.drop_message_counter(reason);
         }
@@ -219,6 +235,9 @@ impl Metrics {
         }
         for outcome in ["accepted", "failed", "dropped"] {
             drop(m.billing_requests.get_or_create(&Outcome { outcome }));
+        }
+        for outcome in ["answered", "overlap", "empty", "unanswered", "unreadable"] {
+            drop(m.history_joins.get_or_create(&Outcome { outcome }));
         }
         Self { registry, ..m }
     }
@@ -239,6 +258,10 @@ impl Metrics {
         self.messages_dropped
             .get_or_create(&Reason { reason })
             .inc();
+    }
+
+    pub fn history_join(&self, outcome: &'static str) {
+        self.history_joins.get_or_create(&Outcome { outcome }).inc();
     }
 
     pub fn reject_connection(&self, reason: &'static str) {

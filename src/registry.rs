@@ -15,8 +15,10 @@ use uuid::Uuid;
 use crate::broker::{Broker, BrokerError};
 use crate::client::ClientLimits;
 use crate::config::Config;
-use crate::frame::{self, EventId};
+use crate::frame;
+use crate::history::History;
 use crate::metrics::Metrics;
+use crate::position::Position;
 use crate::replay::{ReplayBuffer, Resume};
 use crate::session::{Session, Sessions, Signal};
 use crate::subscription::{Full, Slots, SubscriberGuard, Subscription};
@@ -82,8 +84,9 @@ pub struct Registry {
     /// Recently ended sessions and when they ended; connects to them get `204`.
     ended: DashMap<Uuid, Instant>,
     broker: Broker,
+    history: Arc<History>,
     limits: Limits,
-    /// Random per process start; the first half of every event id.
+    /// Random per process start; names this process to the other instances.
     pub boot: u64,
     /// Open streams, instance-wide and per client.
     slots: Arc<Slots>,
@@ -101,6 +104,7 @@ impl Registry {
     pub fn new(
         sessions: Arc<Sessions>,
         broker: Broker,
+        history: Arc<History>,
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -108,6 +112,7 @@ impl Registry {
             sessions,
             ended: DashMap::new(),
             broker,
+            history,
             boot: rand_u64(),
             slots: Arc::new(Slots::new(
                 ClientLimits::new(
@@ -212,6 +217,12 @@ impl Registry {
                 session.inbox.lock().unwrap().end.get_or_insert(end);
             }
         }
+        // Every viewer waits for the session to join the shared history, which the
+        // first one to get here does (another takes over if it goes away meanwhile).
+        session
+            .joined
+            .get_or_init(|| self.history.join(&session, &self.broker))
+            .await;
         let outbox = session.outbox.lock().unwrap();
         if outbox.closed {
             return Err(if self.closing.load(Ordering::Acquire) {
@@ -222,14 +233,9 @@ impl Registry {
         }
         let mut prelude = BytesMut::from(&frame::retry(self.limits.client_retry)[..]);
         if let Some(raw) = last_event_id {
-            let head = EventId {
-                boot: self.boot,
-                seq: outbox.replay.head(),
-            };
-            match EventId::parse(raw)
-                .filter(|last| last.boot == self.boot)
-                .map(|last| outbox.replay.since(last.seq))
-            {
+            let last = outbox.replay.last_message();
+            let head = (last != 0).then_some(Position::after(last));
+            match Position::parse(raw).map(|position| outbox.replay.since(position)) {
                 Some(Resume::Frames(frames)) => {
                     frames.iter().for_each(|f| prelude.extend_from_slice(f))
                 }
@@ -327,6 +333,10 @@ impl Registry {
     /// Frees sessions unwatched for the grace period and forgets old ended sessions.
     /// Returns the freed sessions so their last messages can still be captured.
     pub fn reap(&self, now: Instant) -> Vec<Arc<Session>> {
+        if self.is_closing() {
+            // Kept subscribed for the history handover until the process stops.
+            return Vec::new();
+        }
         let grace = self.limits.session_grace;
         let idle: Vec<Arc<Session>> = self
             .sessions
@@ -343,15 +353,21 @@ impl Registry {
     }
 
     /// Refuses new subscribers and closes every stream with a `shutdown` event, so
-    /// browsers reconnect (elsewhere) at once.
-    pub fn shutdown(&self) {
+    /// browsers reconnect (elsewhere) at once. Returns the sessions that had viewers,
+    /// for the history handover; sessions are no longer freed from here on.
+    pub fn shutdown(&self) -> Vec<Uuid> {
         self.closing.store(true, Ordering::Release);
         let goodbye = frame::shutdown();
+        let mut watched = Vec::new();
         for session in self.sessions.map.iter() {
+            if session.subscribers.load(Ordering::Acquire) > 0 {
+                watched.push(session.id);
+            }
             let mut outbox = session.outbox.lock().unwrap();
             outbox.closed = true;
             let _ = outbox.tx.send(Signal::Last(goodbye.clone()));
         }
+        watched
     }
 
     pub fn is_closing(&self) -> bool {

@@ -1,10 +1,14 @@
-//! The per-session replay buffer: recent framed batches, kept so that a client that
-//! reconnects with `Last-Event-ID` gets exactly what it missed. Bounded by count and
-//! by bytes; what falls out is gone and the client is told so (`reset`).
+//! The per-session replay buffer: recent framed batches with the fingerprints of their
+//! messages, kept so that a client that reconnects with `Last-Event-ID` (here or from
+//! another instance) gets exactly what it missed. Bounded by count and by bytes; what
+//! falls out is gone and the client is told so (`reset`).
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+
+use crate::frame;
+use crate::position::Position;
 
 /// What a resuming client gets.
 #[derive(Debug, PartialEq, Eq)]
@@ -15,12 +19,30 @@ pub enum Resume {
     Lost,
 }
 
+/// One kept frame: a batch (with its messages' fingerprints and where each payload
+/// starts in it) or a `reset` notice (no messages).
+#[derive(Debug)]
+struct Kept {
+    bytes: Bytes,
+    fingerprints: Box<[u64]>,
+    offsets: Box<[u32]>,
+}
+
+impl Kept {
+    /// What it holds, counted against the byte bound.
+    fn size(&self) -> usize {
+        self.bytes.len() + self.fingerprints.len() * 12
+    }
+}
+
 /// Frames with consecutive sequence numbers, the newest being `head`.
 #[derive(Debug)]
 pub struct ReplayBuffer {
-    frames: VecDeque<Bytes>,
-    /// Sequence number of the newest batch ever pushed (0 before the first).
+    frames: VecDeque<Kept>,
+    /// Sequence number of the newest frame ever pushed (0 before the first).
     head: u64,
+    /// The newest message ever pushed (0 before the first).
+    last_message: u64,
     bytes: usize,
     max_frames: usize,
     max_bytes: usize,
@@ -31,22 +53,48 @@ impl ReplayBuffer {
         Self {
             frames: VecDeque::new(),
             head: 0,
+            last_message: 0,
             bytes: 0,
             max_frames,
             max_bytes,
         }
     }
 
-    /// Sequence number of the newest batch (0 before the first).
+    /// Sequence number of the newest frame (0 before the first).
     pub fn head(&self) -> u64 {
         self.head
     }
 
-    /// Records batch `head + 1` and returns its sequence number.
-    pub fn push(&mut self, frame: Bytes) -> u64 {
+    /// The fingerprint of the newest message (0 before the first).
+    pub fn last_message(&self) -> u64 {
+        self.last_message
+    }
+
+    /// Records a batch of messages named `fingerprints`; returns its sequence number.
+    pub fn push_batch(&mut self, batch: frame::Batch, fingerprints: Vec<u64>) -> u64 {
+        if let Some(&last) = fingerprints.last() {
+            self.last_message = last;
+        }
+        self.push(Kept {
+            bytes: batch.bytes,
+            fingerprints: fingerprints.into(),
+            offsets: batch.offsets.into(),
+        })
+    }
+
+    /// Records a `reset` notice; returns its sequence number.
+    pub fn push_notice(&mut self, notice: Bytes) -> u64 {
+        self.push(Kept {
+            bytes: notice,
+            fingerprints: Box::default(),
+            offsets: Box::default(),
+        })
+    }
+
+    fn push(&mut self, kept: Kept) -> u64 {
         self.head += 1;
-        self.bytes += frame.len();
-        self.frames.push_back(frame);
+        self.bytes += kept.size();
+        self.frames.push_back(kept);
         // The newest frame always stays: live subscribers read it from here.
         while self.frames.len() > 1
             && (self.frames.len() > self.max_frames || self.bytes > self.max_bytes)
@@ -54,7 +102,7 @@ impl ReplayBuffer {
             let Some(old) = self.frames.pop_front() else {
                 break;
             };
-            self.bytes -= old.len();
+            self.bytes -= old.size();
         }
         self.head
     }
@@ -63,21 +111,45 @@ impl ReplayBuffer {
     pub fn get(&self, seq: u64) -> Option<Bytes> {
         let oldest = self.head + 1 - self.frames.len() as u64;
         let at = seq.checked_sub(oldest)?;
-        self.frames.get(usize::try_from(at).ok()?).cloned()
+        self.frames
+            .get(usize::try_from(at).ok()?)
+            .map(|k| k.bytes.clone())
     }
 
-    /// The frames after `seq`, or `Lost` when some of them are no longer kept or `seq`
-    /// was never issued.
-    pub fn since(&self, seq: u64) -> Resume {
-        if seq > self.head {
+    /// What follows `position`: the rest of the batch it falls in (cut out as a batch
+    /// of its own when the client's instance batched differently), then every later
+    /// frame; the `reset` right after it is left out if the client already got one
+    /// there. `Lost` when the message is not (or no longer) kept here.
+    pub fn since(&self, position: Position) -> Resume {
+        if position.after == 0 {
             return Resume::Lost;
         }
-        let missed = (self.head - seq) as usize;
-        if missed > self.frames.len() {
+        // Resumes are mostly near the newest frame: look from there.
+        let Some((at, index)) = self.frames.iter().enumerate().rev().find_map(|(at, k)| {
+            let index = k.fingerprints.iter().rposition(|&f| f == position.after)?;
+            Some((at, index))
+        }) else {
             return Resume::Lost;
+        };
+        let found = &self.frames[at];
+        let mut out = Vec::new();
+        if index + 1 < found.fingerprints.len() {
+            let last = *found.fingerprints.last().expect("not empty");
+            out.push(frame::tail(
+                &found.bytes,
+                found.offsets[index + 1],
+                Position::after(last),
+            ));
         }
-        let skip = self.frames.len() - missed;
-        Resume::Frames(self.frames.iter().skip(skip).cloned().collect())
+        let mut later = self.frames.iter().skip(at + 1).peekable();
+        if index + 1 == found.fingerprints.len()
+            && position.reset
+            && later.peek().is_some_and(|k| k.fingerprints.is_empty())
+        {
+            later.next();
+        }
+        out.extend(later.map(|k| k.bytes.clone()));
+        Resume::Frames(out)
     }
 }
 
@@ -85,10 +157,15 @@ impl ReplayBuffer {
 mod tests {
     use super::*;
 
+    /// Batch `i` holds message `i` (fingerprint `i`), framed as `f<i>`.
     fn buffer(max_frames: usize, max_bytes: usize, n: u64) -> ReplayBuffer {
         let mut b = ReplayBuffer::new(max_frames, max_bytes);
         for i in 1..=n {
-            assert_eq!(b.push(Bytes::from(format!("f{i}"))), i);
+            let batch = frame::Batch {
+                bytes: Bytes::from(format!("f{i}")),
+                offsets: vec![0],
+            };
+            assert_eq!(b.push_batch(batch, vec![i]), i);
         }
         b
     }
@@ -100,17 +177,54 @@ mod tests {
     #[test]
     fn returns_exactly_the_missed_frames() {
         let b = buffer(10, 1000, 5);
-        assert_eq!(b.since(5), frames(&[]));
-        assert_eq!(b.since(3), frames(&["f4", "f5"]));
-        assert_eq!(b.since(0), frames(&["f1", "f2", "f3", "f4", "f5"]));
+        assert_eq!(b.since(Position::after(5)), frames(&[]));
+        assert_eq!(b.since(Position::after(3)), frames(&["f4", "f5"]));
+        assert_eq!(
+            b.since(Position::after(1)),
+            frames(&["f2", "f3", "f4", "f5"])
+        );
     }
 
     #[test]
     fn too_old_or_unknown_positions_are_lost() {
         let b = buffer(3, 1000, 5);
-        assert_eq!(b.since(2), frames(&["f3", "f4", "f5"]));
-        assert_eq!(b.since(1), Resume::Lost);
-        assert_eq!(b.since(6), Resume::Lost);
+        assert_eq!(b.since(Position::after(3)), frames(&["f4", "f5"]));
+        assert_eq!(b.since(Position::after(2)), Resume::Lost);
+        assert_eq!(b.since(Position::after(6)), Resume::Lost);
+        assert_eq!(b.since(Position::after(0)), Resume::Lost);
+    }
+
+    #[test]
+    fn a_position_inside_a_batch_gets_the_rest_of_it() {
+        let mut b = ReplayBuffer::new(10, 1000);
+        let payloads: Vec<Bytes> = ["a", "b", "c"].into_iter().map(Bytes::from).collect();
+        b.push_batch(frame::batch(Position::after(3), &payloads), vec![1, 2, 3]);
+        let Resume::Frames(rest) = b.since(Position::after(1)) else {
+            panic!("lost");
+        };
+        assert_eq!(
+            rest,
+            vec![Bytes::from("id: 0000000000000003\ndata: [\"b\",\"c\"]\n\n")]
+        );
+        assert_eq!(b.since(Position::after(3)), frames(&[]));
+    }
+
+    #[test]
+    fn a_reset_already_seen_is_not_sent_again() {
+        let mut b = buffer(10, 1000, 2);
+        b.push_notice(Bytes::from("r"));
+        let batch = frame::Batch {
+            bytes: Bytes::from("f3"),
+            offsets: vec![0],
+        };
+        b.push_batch(batch, vec![3]);
+        assert_eq!(b.since(Position::after(2)), frames(&["r", "f3"]));
+        let seen = Position {
+            after: 2,
+            reset: true,
+        };
+        assert_eq!(b.since(seen), frames(&["f3"]));
+        assert_eq!(b.last_message(), 3);
     }
 
     #[test]
@@ -125,16 +239,12 @@ mod tests {
 
     #[test]
     fn byte_bound_evicts_oldest() {
-        let b = buffer(100, 4, 5);
-        assert_eq!(b.since(3), frames(&["f4", "f5"]));
-        assert_eq!(b.since(2), Resume::Lost);
+        // Each frame counts its 2 bytes and 12 per message: three fit.
+        let b = buffer(100, 42, 5);
+        assert_eq!(b.since(Position::after(3)), frames(&["f4", "f5"]));
+        assert_eq!(b.since(Position::after(2)), Resume::Lost);
         let newest_only = buffer(0, 0, 3);
-        assert_eq!(newest_only.since(3), frames(&[]));
-        assert_eq!(
-            newest_only.since(2),
-            frames(&["f3"]),
-            "the newest always stays"
-        );
-        assert_eq!(newest_only.since(1), Resume::Lost);
+        assert_eq!(newest_only.since(Position::after(3)), frames(&[]));
+        assert_eq!(newest_only.since(Position::after(2)), Resume::Lost);
     }
 }

@@ -11,8 +11,9 @@ use dashmap::DashMap;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::broker::{BrokerEvent, END_SUFFIX, SubscribeAck};
+use crate::broker::{BrokerEvent, END_SUFFIX, JOIN_CHANNEL, SubscribeAck};
 use crate::metrics::Metrics;
+use crate::position::Fingerprinter;
 use crate::replay::ReplayBuffer;
 
 /// What a session tells its subscribers. A batch (or `reset`) is named by its place in
@@ -42,6 +43,9 @@ pub struct Inbox {
     /// Subscribers are told (`reset`) exactly there, so a gap is never marked ahead of
     /// messages that preceded it.
     pub gaps: Vec<usize>,
+    /// Join requests of instances starting to serve the session (`history`), at their
+    /// places among `messages`, with their ids.
+    pub asks: Vec<(usize, u64)>,
 }
 
 impl Inbox {
@@ -54,7 +58,10 @@ impl Inbox {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.messages.is_empty() && self.end.is_none() && self.gaps.is_empty()
+        self.messages.is_empty()
+            && self.end.is_none()
+            && self.gaps.is_empty()
+            && self.asks.is_empty()
     }
 }
 
@@ -67,6 +74,21 @@ pub struct Outbox {
     pub last_sent: Instant,
     /// Set once the session ended or the server is shutting down: no new subscribers.
     pub closed: bool,
+    /// Names the messages as every other instance does.
+    pub fingerprints: Fingerprinter,
+}
+
+impl Outbox {
+    pub fn new(replay: ReplayBuffer, buffer: usize) -> Self {
+        let (tx, _) = broadcast::channel(buffer);
+        Self {
+            replay,
+            tx,
+            last_sent: Instant::now(),
+            closed: false,
+            fingerprints: Fingerprinter::default(),
+        }
+    }
 }
 
 pub struct Session {
@@ -84,24 +106,22 @@ pub struct Session {
     pub established: AtomicBool,
     /// The broker's confirmation of this session's subscription.
     pub subscribed: SubscribeAck,
+    /// Set once the session joined the shared history (`history`): nothing is
+    /// captured, and no viewer admitted, before.
+    pub joined: tokio::sync::OnceCell<()>,
 }
 
 impl Session {
     pub fn new(id: Uuid, subscribed: SubscribeAck, buffer: usize, replay: ReplayBuffer) -> Self {
-        let (tx, _) = broadcast::channel(buffer);
         Self {
             id,
             inbox: Mutex::new(Inbox::default()),
-            outbox: Mutex::new(Outbox {
-                replay,
-                tx,
-                last_sent: Instant::now(),
-                closed: false,
-            }),
+            outbox: Mutex::new(Outbox::new(replay, buffer)),
             subscribers: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
             established: AtomicBool::new(false),
             subscribed,
+            joined: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -156,6 +176,10 @@ impl Sessions {
     }
 
     fn on_message(&self, channel: &[u8], payload: Bytes) {
+        if channel == JOIN_CHANNEL.as_bytes() {
+            self.on_join_request(&payload);
+            return;
+        }
         let (session, is_end) = match channel.strip_suffix(END_SUFFIX.as_bytes()) {
             Some(session) => (session, true),
             None => (channel, false),
@@ -195,4 +219,31 @@ impl Sessions {
             inbox.messages.push(payload);
         }
     }
+
+    /// `<session> <id in hex>`: an instance starts serving the session and asks where
+    /// in the stream its subscription began. Noted in order with the messages.
+    fn on_join_request(&self, payload: &[u8]) {
+        let parsed = std::str::from_utf8(payload).ok().and_then(|text| {
+            let (session, ask) = text.split_once(' ')?;
+            Some((
+                Uuid::try_parse(session).ok()?,
+                u64::from_str_radix(ask, 16).ok()?,
+            ))
+        });
+        let Some((id, ask)) = parsed else {
+            self.metrics.drop_message("bad_join_request");
+            return;
+        };
+        if let Some(session) = self.map.get(&id).map(|s| s.clone()) {
+            let mut inbox = session.inbox.lock().unwrap();
+            if inbox.asks.len() < MAX_ASKS {
+                let at = inbox.messages.len();
+                inbox.asks.push((at, ask));
+            }
+        }
+    }
 }
+
+/// Join requests kept per session between two ticks; more (from a misbehaving Redis
+/// client) are ignored.
+const MAX_ASKS: usize = 64;

@@ -22,6 +22,10 @@ use uuid::Uuid;
 /// Suffix of the channel on which the tenant announces the end of a session.
 pub const END_SUFFIX: &str = "_END";
 
+/// chat-sync's own channel, which every instance listens to: an instance starting to
+/// serve a session publishes a join request there (`history`).
+pub const JOIN_CHANNEL: &str = "chat-sync:history:join";
+
 /// What the broker reports to the rest of the server.
 #[derive(Debug)]
 pub enum BrokerEvent<'a> {
@@ -125,6 +129,15 @@ impl Broker {
         match self {
             Self::Memory(b) => Ok(b.publish(&channel, payload)),
             Self::Redis(b) => b.publish(channel, payload).await,
+        }
+    }
+
+    /// How many subscribers (instances) each channel has; with the in-process broker
+    /// there is only this one.
+    pub async fn subscriber_counts(&self, channels: &[String]) -> Result<Vec<usize>, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(vec![1; channels.len()]),
+            Self::Redis(b) => b.subscriber_counts(channels).await,
         }
     }
 

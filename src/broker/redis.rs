@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::{BrokerError, BrokerEvent, Sink, SubscribeAck, chat_channel, end_channel};
+use super::{
+    BrokerError, BrokerEvent, JOIN_CHANNEL, Sink, SubscribeAck, chat_channel, end_channel,
+};
 
 /// Longest wait for one command, including a reconnect in progress (the crate's own
 /// response timeout does not cover reconnects).
@@ -81,6 +83,11 @@ impl RedisBroker {
             connected.clone(),
             token.clone(),
         ));
+        tasks.spawn(listen_for_joins(
+            manager.clone(),
+            connected.clone(),
+            token.clone(),
+        ));
         tasks.spawn(run_health(manager.clone(), connected.clone(), token));
         Ok(Self {
             commands,
@@ -138,6 +145,14 @@ impl RedisBroker {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(channel).arg(payload.as_ref());
         with_timeout(publish.query_async::<usize>(&mut conn)).await
+    }
+
+    pub async fn subscriber_counts(&self, channels: &[String]) -> Result<Vec<usize>, BrokerError> {
+        let mut conn = self.manager.clone();
+        let mut numsub = redis::cmd("PUBSUB");
+        numsub.arg("NUMSUB").arg(channels);
+        let pairs: Vec<(String, usize)> = with_timeout(numsub.query_async(&mut conn)).await?;
+        Ok(pairs.into_iter().map(|(_, n)| n).collect())
     }
 
     pub fn is_connected(&self) -> bool {
@@ -267,6 +282,26 @@ fn channels(sessions: &[Uuid]) -> Vec<String> {
         .iter()
         .flat_map(|s| [chat_channel(*s), end_channel(*s)])
         .collect()
+}
+
+/// Subscribes to the join-request channel once Redis is there; the manager restores
+/// the subscription after every reconnect.
+async fn listen_for_joins(
+    mut manager: ConnectionManager,
+    connected: Arc<AtomicBool>,
+    token: CancellationToken,
+) {
+    loop {
+        if connected.load(Ordering::Acquire)
+            && with_timeout(manager.subscribe(JOIN_CHANNEL)).await.is_ok()
+        {
+            return;
+        }
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+        }
+    }
 }
 
 /// PINGs through the manager: marks the broker ready when Redis answers, and makes the

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chat_sync::broker::{Broker, Sink, chat_channel};
 use chat_sync::fanout::{Ticker, Usage};
+use chat_sync::history::History;
 use chat_sync::metrics::Metrics;
 use chat_sync::registry::{Limits, Registry};
 use chat_sync::session::Sessions;
@@ -139,13 +140,21 @@ async fn walk(seed: u64) {
         max_streams_per_client: usize::MAX,
         new_sessions_per_client: u32::MAX,
     };
-    let registry = Arc::new(Registry::new(sessions, broker.clone(), limits, metrics));
+    let history = Arc::new(History::disabled(metrics.clone()));
+    let registry = Arc::new(Registry::new(
+        sessions,
+        broker.clone(),
+        history.clone(),
+        limits,
+        metrics,
+    ));
     let captured = Arc::new(Captured::default());
     let ticker = Ticker {
         registry: registry.clone(),
         tick: Duration::from_millis(10),
         heartbeat: Duration::from_secs(3600),
         usage: captured.clone(),
+        history,
     };
     let room = Uuid::new_v4();
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);

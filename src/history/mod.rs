@@ -1,0 +1,248 @@
+//! The shared history (design: `docs/positions.md`). Every instance serving a session
+//! appends what it captured to the session's history in Redis, once per tick, where it
+//! continues the history; an instance that starts serving a session joins its own live
+//! messages to that history, so a viewer who comes from another instance, a restarted
+//! one or a dead one resumes exactly, or gets `reset` exactly where something could be
+//! missing. Without Redis (one instance) there is no history and nothing to join.
+
+mod join;
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::broker::{Broker, JOIN_CHANNEL, chat_channel};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use store::HistoryStore;
+pub use store::{Cursor, Item};
+
+/// How long a session's history outlives its last write.
+const TTL: Duration = Duration::from_secs(30 * 60);
+/// How often a stopping instance looks whether its sessions were taken over.
+const HANDOVER_POLL: Duration = Duration::from_millis(100);
+/// Another instance subscribed this long without asking to join was already serving
+/// the session (a joining one asks within milliseconds of subscribing).
+const SHARED_FOR: Duration = Duration::from_secs(1);
+
+/// What the tick loop hands over, in order.
+enum Op {
+    /// The session joined the history here, at this cursor.
+    Start(Uuid, Cursor),
+    Items(Uuid, Vec<Item>),
+    /// The session was freed here: forget its cursor once its items are written.
+    Close(Uuid),
+}
+
+pub struct History {
+    store: Option<HistoryStore>,
+    queue: Mutex<Vec<Op>>,
+    /// Where each session's writes stand; only the writer task touches it.
+    cursors: Mutex<HashMap<Uuid, Cursor>>,
+    /// Sessions whose join requests this instance answered (read during handover).
+    answered: Mutex<HashSet<Uuid>>,
+    /// Longest wait of a joining session for an instance serving it to answer.
+    pub handover_wait: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl History {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> redis::RedisResult<Self> {
+        let store = match &config.redis {
+            Some(info) if config.history_messages > 0 => Some(HistoryStore::new(
+                info.clone(),
+                config.history_messages,
+                config.history_bytes,
+                TTL,
+            )?),
+            _ => None,
+        };
+        Ok(Self {
+            store,
+            queue: Mutex::new(Vec::new()),
+            cursors: Mutex::new(HashMap::new()),
+            answered: Mutex::new(HashSet::new()),
+            handover_wait: config.handover_wait,
+            metrics,
+        })
+    }
+
+    /// No shared history (one instance, or benchmarks of the tick alone).
+    pub fn disabled(metrics: Arc<Metrics>) -> Self {
+        Self {
+            store: None,
+            queue: Mutex::new(Vec::new()),
+            cursors: Mutex::new(HashMap::new()),
+            answered: Mutex::new(HashSet::new()),
+            handover_wait: Duration::ZERO,
+            metrics,
+        }
+    }
+
+    /// Whether there is a shared history (Redis, `HISTORY_MESSAGES` > 0).
+    pub fn enabled(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// What the tick loop captured for `session`, in order. Never waits.
+    pub fn record(&self, session: Uuid, items: Vec<Item>) {
+        if self.enabled() && !items.is_empty() {
+            self.queue.lock().unwrap().push(Op::Items(session, items));
+        }
+    }
+
+    /// `session` was freed on this instance.
+    pub fn closed(&self, session: Uuid) {
+        if self.enabled() {
+            self.queue.lock().unwrap().push(Op::Close(session));
+        }
+    }
+
+    fn start(&self, session: Uuid, cursor: Cursor) {
+        if self.enabled() {
+            self.queue.lock().unwrap().push(Op::Start(session, cursor));
+        }
+    }
+
+    /// Takes the sessions whose join requests were answered since the last call.
+    fn take_answered(&self) -> HashSet<Uuid> {
+        std::mem::take(&mut self.answered.lock().unwrap())
+    }
+
+    /// The instance starts stopping: only join requests answered from now on mean
+    /// that a session was taken over (earlier ones, a joiner's own included, do not).
+    pub fn stopping(&self) {
+        self.take_answered();
+    }
+
+    /// A stopping instance keeps its subscriptions, its writes and its answers to join
+    /// requests until each session that had viewers was taken over by another
+    /// instance (it answered that instance's join request, or another instance has
+    /// been subscribed for a while), or until `limit`: a viewer that moves on then
+    /// resumes exactly.
+    pub async fn handover(&self, broker: &Broker, sessions: Vec<Uuid>, limit: Duration) {
+        if !self.enabled() || sessions.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut left: HashMap<Uuid, Option<Instant>> =
+            sessions.into_iter().map(|s| (s, None)).collect();
+        let total = left.len();
+        while !left.is_empty() && started.elapsed() < limit {
+            tokio::time::sleep(HANDOVER_POLL).await;
+            for session in self.take_answered() {
+                left.remove(&session);
+            }
+            let ids: Vec<Uuid> = left.keys().copied().collect();
+            let mut channels: Vec<String> = ids.iter().map(|s| chat_channel(*s)).collect();
+            channels.push(JOIN_CHANNEL.into());
+            let Ok(mut counts) = broker.subscriber_counts(&channels).await else {
+                continue;
+            };
+            if counts.pop().unwrap_or(0) <= 1 {
+                // No other instance is listening: nobody can take over.
+                break;
+            }
+            let now = Instant::now();
+            for (id, n) in ids.into_iter().zip(counts) {
+                let shared = left.get_mut(&id).expect("listed");
+                match (n >= 2, *shared) {
+                    (false, _) => *shared = None,
+                    (true, None) => *shared = Some(now),
+                    (true, Some(since)) if now.duration_since(since) >= SHARED_FOR => {
+                        left.remove(&id);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        tracing::info!(
+            sessions = total,
+            not_taken_over = left.len(),
+            took = ?started.elapsed(),
+            "history handover done"
+        );
+    }
+
+    /// Writes what was recorded every `tick` until cancelled, then once more.
+    pub async fn run(self: Arc<Self>, tick: Duration, token: CancellationToken) {
+        if !self.enabled() {
+            return;
+        }
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            self.write_round().await;
+        }
+        self.write_round().await;
+    }
+
+    /// One pipelined round: each session's items since the last round, from its
+    /// cursor. A failed round leaves every written session's cursor at a gap, so the
+    /// history marks where it may have missed something.
+    async fn write_round(&self) {
+        let Some(store) = &self.store else { return };
+        let ops = std::mem::take(&mut *self.queue.lock().unwrap());
+        if ops.is_empty() {
+            return;
+        }
+        let mut runs: Vec<(Uuid, Cursor, Vec<Item>)> = Vec::new();
+        let mut closed = Vec::new();
+        {
+            let mut cursors = self.cursors.lock().unwrap();
+            let mut at: HashMap<Uuid, usize> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Start(session, cursor) => {
+                        closed.retain(|s| *s != session);
+                        cursors.insert(session, cursor);
+                    }
+                    Op::Items(session, items) => {
+                        let i = *at.entry(session).or_insert_with(|| {
+                            let cursor = *cursors.get(&session).unwrap_or(&Cursor::Unjoined);
+                            runs.push((session, cursor, Vec::new()));
+                            runs.len() - 1
+                        });
+                        runs[i].2.extend(items);
+                    }
+                    Op::Close(session) => closed.push(session),
+                }
+            }
+        }
+        let result = if runs.is_empty() {
+            Ok(Vec::new())
+        } else {
+            store.append(&runs).await
+        };
+        let mut cursors = self.cursors.lock().unwrap();
+        match result {
+            Ok(after) => {
+                let mut answered = self.answered.lock().unwrap();
+                for ((session, ..), (cursor, asks)) in runs.iter().zip(after) {
+                    cursors.insert(*session, cursor);
+                    if asks > 0 {
+                        answered.insert(*session);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(sessions = runs.len(), error = %e, "history write failed");
+                self.metrics.history_write_errors.inc();
+                for (session, ..) in &runs {
+                    cursors.insert(*session, Cursor::Gap);
+                }
+            }
+        }
+        for session in closed {
+            cursors.remove(&session);
+        }
+    }
+}

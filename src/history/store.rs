@@ -1,0 +1,275 @@
+//! The shared history in Redis: per session (keys share the session's hash tag, so one
+//! slot holds them) a list of recent entries, an index fingerprint → place, and a hash
+//! of metadata (`total` entries ever appended, `base` entries trimmed, `bytes`, `tail`,
+//! and one `ask:<id>` per answered join request). An entry is the fingerprint in 16 hex
+//! digits followed by the payload, or `-` for a gap. Places count from 1 and never
+//! change: entry `i` of the list is place `base + i + 1`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::{ConnectionInfo, Pipeline};
+use uuid::Uuid;
+
+use crate::broker::chat_channel;
+
+/// Appends a writer's run of items where it continues the history (see the module
+/// docs of `history`). KEYS: list, index, meta. ARGV: max entries, max bytes, ttl ms,
+/// mode (`k` joined after `prev`, `g` after a gap, `u` not joined), prev (hex or ``),
+/// then items: `m` fp payload | `g` | `a` ask-id. Returns {mode, prev, answered asks}.
+const APPEND: &str = r"
+local total = tonumber(redis.call('HGET', KEYS[3], 'total') or '0')
+local base = tonumber(redis.call('HGET', KEYS[3], 'base') or '0')
+local bytes = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
+local tail = redis.call('HGET', KEYS[3], 'tail') or ''
+local mode, prev = ARGV[4], ARGV[5]
+local answered = 0
+local function push(entry, name)
+  redis.call('RPUSH', KEYS[1], entry)
+  total = total + 1
+  bytes = bytes + #entry
+  if name then redis.call('HSET', KEYS[2], name, total) end
+  tail = name or '-'
+end
+local i = 6
+while i <= #ARGV do
+  local kind = ARGV[i]
+  if kind == 'g' then
+    if mode ~= 'u' then mode = 'g' end
+    i = i + 1
+  elseif kind == 'a' then
+    if mode == 'k' then
+      local at = 0
+      if prev ~= '' then at = tonumber(redis.call('HGET', KEYS[2], prev) or '-1') end
+      if at >= 0 and (prev ~= '' or total == base) then
+        redis.call('HSETNX', KEYS[3], 'ask:' .. ARGV[i + 1], at)
+        answered = answered + 1
+      end
+    end
+    i = i + 2
+  else
+    local fp, payload = ARGV[i + 1], ARGV[i + 2]
+    if redis.call('HEXISTS', KEYS[2], fp) == 1 then
+      mode, prev = 'k', fp
+    elseif total == base or (mode == 'k' and prev == tail) then
+      push(fp .. payload, fp)
+      mode, prev = 'k', fp
+    elseif mode == 'g' then
+      if tail ~= '-' then push('-', nil) end
+      push(fp .. payload, fp)
+      mode, prev = 'k', fp
+    else
+      mode = 'u'
+    end
+    i = i + 3
+  end
+end
+local max_n, max_b = tonumber(ARGV[1]), tonumber(ARGV[2])
+while (total - base) > max_n or (bytes > max_b and (total - base) > 1) do
+  local old = redis.call('LPOP', KEYS[1])
+  if not old then break end
+  base = base + 1
+  bytes = bytes - #old
+  if #old >= 16 then
+    local name = string.sub(old, 1, 16)
+    if tonumber(redis.call('HGET', KEYS[2], name) or '0') == base then
+      redis.call('HDEL', KEYS[2], name)
+    end
+  end
+end
+redis.call('HSET', KEYS[3], 'total', total, 'base', base, 'bytes', bytes, 'tail', tail)
+for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ARGV[3]) end
+return {mode, prev, answered}";
+
+/// The whole history and where a join request fell. KEYS: list, meta. ARGV: ask id.
+const READ: &str = r"
+local meta = redis.call('HMGET', KEYS[2], 'base', 'ask:' .. ARGV[1])
+redis.call('HDEL', KEYS[2], 'ask:' .. ARGV[1])
+return {meta[1] or '0', meta[2] or '', redis.call('LRANGE', KEYS[1], 0, -1)}";
+
+fn keys(session: Uuid) -> [String; 3] {
+    [
+        format!("chat-sync:history:{{{session}}}"),
+        format!("chat-sync:history:{{{session}}}:index"),
+        format!("chat-sync:history:{{{session}}}:meta"),
+    ]
+}
+
+/// Where a writer stands against the history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cursor {
+    /// Its view continues the history after this message (`None`: the history was
+    /// empty when it joined).
+    Joined(Option<u64>),
+    /// Its view has a gap: what comes next is appended after a gap entry.
+    Gap,
+    /// Its view does not join the history: it writes nothing until it meets a
+    /// message the history has.
+    Unjoined,
+}
+
+/// One thing a writer saw, in order.
+#[derive(Clone, Debug)]
+pub enum Item {
+    Message(u64, Bytes),
+    Gap,
+    /// A join request arrived here (after the messages before it).
+    Ask(u64),
+}
+
+/// One entry of the history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Message(u64, Bytes),
+    Gap,
+}
+
+/// The history as read by a joining instance.
+pub struct Snapshot {
+    /// Places trimmed before the first entry.
+    pub base: u64,
+    /// Where the join request fell, if an instance serving the session answered it.
+    pub answer: Option<u64>,
+    pub entries: Vec<Entry>,
+}
+
+pub struct HistoryStore {
+    conn: ConnectionManager,
+    max_entries: usize,
+    max_bytes: usize,
+    ttl: Duration,
+}
+
+/// Longest wait for one round, reconnects included.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+impl HistoryStore {
+    pub fn new(
+        info: ConnectionInfo,
+        max_entries: usize,
+        max_bytes: usize,
+        ttl: Duration,
+    ) -> redis::RedisResult<Self> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(usize::MAX)
+            .set_max_delay(Duration::from_secs(1))
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(None);
+        let conn = ConnectionManager::new_lazy_with_config(redis::Client::open(info)?, config)?;
+        Ok(Self {
+            conn,
+            max_entries,
+            max_bytes,
+            ttl,
+        })
+    }
+
+    /// Appends each session's items from its cursor; returns the cursors after them
+    /// and how many join requests each answered.
+    pub async fn append(
+        &self,
+        runs: &[(Uuid, Cursor, Vec<Item>)],
+    ) -> redis::RedisResult<Vec<(Cursor, u64)>> {
+        let mut pipe = redis::pipe();
+        for (session, cursor, items) in runs {
+            let (mode, prev) = match cursor {
+                Cursor::Joined(prev) => ("k", prev.map(hex).unwrap_or_default()),
+                Cursor::Gap => ("g", String::new()),
+                Cursor::Unjoined => ("u", String::new()),
+            };
+            let cmd = pipe
+                .cmd("EVAL")
+                .arg(APPEND)
+                .arg(3)
+                .arg(&keys(*session)[..])
+                .arg(self.max_entries)
+                .arg(self.max_bytes)
+                .arg(self.ttl.as_millis() as u64)
+                .arg(mode)
+                .arg(prev);
+            for item in items {
+                match item {
+                    Item::Message(fp, payload) => cmd.arg("m").arg(hex(*fp)).arg(payload.as_ref()),
+                    Item::Gap => cmd.arg("g"),
+                    Item::Ask(id) => cmd.arg("a").arg(hex(*id)),
+                };
+            }
+        }
+        let replies: Vec<(String, String, u64)> = self.run(&pipe).await?;
+        Ok(replies
+            .into_iter()
+            .map(|(mode, prev, answered)| {
+                let cursor = match mode.as_str() {
+                    "k" if prev.is_empty() => Cursor::Joined(None),
+                    "k" => u64::from_str_radix(&prev, 16)
+                        .map_or(Cursor::Unjoined, |fp| Cursor::Joined(Some(fp))),
+                    "g" => Cursor::Gap,
+                    _ => Cursor::Unjoined,
+                };
+                (cursor, answered)
+            })
+            .collect())
+    }
+
+    /// Whether the join request `ask` was answered yet, and whether waiting longer
+    /// is pointless: the history is empty, or no other instance is subscribed to the
+    /// session to answer.
+    pub async fn poll(&self, session: Uuid, ask: u64) -> redis::RedisResult<(bool, bool)> {
+        let [list, _, meta] = keys(session);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HEXISTS")
+            .arg(&meta)
+            .arg(format!("ask:{}", hex(ask)));
+        pipe.cmd("LLEN").arg(&list);
+        pipe.cmd("PUBSUB").arg("NUMSUB").arg(chat_channel(session));
+        let (answered, len, numsub): (bool, u64, (String, u64)) = self.run(&pipe).await?;
+        Ok((answered, len == 0 || numsub.1 <= 1))
+    }
+
+    /// The whole history, and where `ask` fell if it was answered.
+    pub async fn read(&self, session: Uuid, ask: u64) -> redis::RedisResult<Snapshot> {
+        let [list, _, meta] = keys(session);
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(READ)
+            .arg(2)
+            .arg(list)
+            .arg(meta)
+            .arg(hex(ask));
+        let ((base, answer, raw),): ((String, String, Vec<Vec<u8>>),) = self.run(&pipe).await?;
+        let entries = raw
+            .into_iter()
+            .filter_map(|entry| {
+                if entry.len() < 16 {
+                    return Some(Entry::Gap);
+                }
+                let fp = std::str::from_utf8(&entry[..16])
+                    .ok()
+                    .and_then(|h| u64::from_str_radix(h, 16).ok())?;
+                Some(Entry::Message(fp, Bytes::from(entry).slice(16..)))
+            })
+            .collect();
+        Ok(Snapshot {
+            base: base.parse().unwrap_or(0),
+            answer: answer.parse().ok(),
+            entries,
+        })
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> redis::RedisResult<T> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(TIMEOUT, pipe.query_async(&mut conn)).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the history store did not answer",
+            )
+            .into()),
+        }
+    }
+}
+
+fn hex(v: u64) -> String {
+    format!("{v:016x}")
+}
