@@ -35,6 +35,9 @@ pub struct RedisBroker {
     commands: mpsc::UnboundedSender<Command>,
     manager: ConnectionManager,
     connected: Arc<AtomicBool>,
+    /// Subscribed to the join-request channel: sessions can be joined to the shared
+    /// history (this instance hears its own requests).
+    listening: Arc<AtomicBool>,
     /// Runs the fire-and-forget writes (ended sessions), tracked for shutdown.
     tasks: TaskTracker,
 }
@@ -83,9 +86,10 @@ impl RedisBroker {
             connected.clone(),
             token.clone(),
         ));
+        let listening = Arc::new(AtomicBool::new(false));
         tasks.spawn(listen_for_joins(
             manager.clone(),
-            connected.clone(),
+            listening.clone(),
             token.clone(),
         ));
         tasks.spawn(run_health(manager.clone(), connected.clone(), token));
@@ -93,6 +97,7 @@ impl RedisBroker {
             commands,
             manager,
             connected,
+            listening,
             tasks: tasks.clone(),
         })
     }
@@ -156,7 +161,7 @@ impl RedisBroker {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
+        self.connected.load(Ordering::Acquire) && self.listening.load(Ordering::Acquire)
     }
 }
 
@@ -288,13 +293,12 @@ fn channels(sessions: &[Uuid]) -> Vec<String> {
 /// the subscription after every reconnect.
 async fn listen_for_joins(
     mut manager: ConnectionManager,
-    connected: Arc<AtomicBool>,
+    listening: Arc<AtomicBool>,
     token: CancellationToken,
 ) {
     loop {
-        if connected.load(Ordering::Acquire)
-            && with_timeout(manager.subscribe(JOIN_CHANNEL)).await.is_ok()
-        {
+        if with_timeout(manager.subscribe(JOIN_CHANNEL)).await.is_ok() {
+            listening.store(true, Ordering::Release);
             return;
         }
         tokio::select! {

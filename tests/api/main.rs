@@ -7,6 +7,7 @@ mod billing;
 mod chaos;
 mod delivery;
 mod faults;
+mod handover;
 mod hostile;
 mod lifecycle;
 mod model;

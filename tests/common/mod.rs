@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod nginx;
 mod process;
 mod redis_server;

@@ -15,11 +15,25 @@ impl ServerProcess {
         Self::spawn_with_file_limit(None, vars).await
     }
 
+    /// On `port`, as a restarted instance behind a proxy that knows its address. The
+    /// port may still be held by the instance being replaced: tried until it is free.
+    pub async fn spawn_on(port: u16, vars: &[(&str, &str)]) -> Self {
+        Self::spawn_at(|| port, None, vars).await
+    }
+
     /// With its file descriptor limit (soft and hard) set to `nofile`, through
     /// util-linux's `prlimit`, which execs the server in place (same pid).
     pub async fn spawn_with_file_limit(nofile: Option<u64>, vars: &[(&str, &str)]) -> Self {
-        for _ in 0..10 {
-            let port = free_port();
+        Self::spawn_at(free_port, nofile, vars).await
+    }
+
+    async fn spawn_at(
+        port: impl Fn() -> u16,
+        nofile: Option<u64>,
+        vars: &[(&str, &str)],
+    ) -> Self {
+        for _ in 0..40 {
+            let port = port();
             let binary = env!("CARGO_BIN_EXE_chat-sync");
             let mut command = match nofile {
                 None => Command::new(binary),
@@ -56,6 +70,7 @@ impl ServerProcess {
             }
             let _ = child.kill();
             let _ = child.wait();
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
         panic!("chat-sync did not start");
     }

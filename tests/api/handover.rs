@@ -1,0 +1,294 @@
+//! A viewer's position means the same on every instance (`docs/positions.md`): a
+//! viewer that moves, because an instance restarted, died or shares its session,
+//! resumes exactly where it was. Real processes, the real nginx, one redis-server.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use uuid::Uuid;
+
+use crate::common::fleet::{Browser, Fleet, Publisher, Seen};
+use crate::common::nginx::deploy_config;
+use crate::common::{
+    RedisServer, Subscriber, TestApp, WAIT, batch, chat, sse_path, wait_until,
+};
+
+const SESSIONS: usize = 30;
+const VIEWERS_PER_SESSION: usize = 10;
+const RETRY: Duration = Duration::from_millis(200);
+
+fn fleet_vars() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("TICK_MS", "24"),
+        ("CLIENT_RETRY_MS", "200"),
+        ("BILLING_FLUSH_MS", "200"),
+        ("SHUTDOWN_HANDOVER_MS", "30000"),
+        ("SESSION_GRACE_MS", "60000"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_resumes_exactly_on_an_instance_that_batched_differently() {
+    let redis = RedisServer::start().await;
+    // A batches every message on its own (its viewer paces the publisher); B, with a
+    // one-second tick, batches many together, so A's positions fall inside B's batches.
+    let a = TestApp::spawn(Some(&redis), &[("TICK_MS", "10")]).await;
+    let b = TestApp::spawn(Some(&redis), &[("TICK_MS", "1000")]).await;
+    let room = Uuid::new_v4();
+    let mut on_a = a.connect(room).await;
+    let mut on_b = b.connect(room).await;
+    wait_until("both instances subscribed", || async {
+        redis.numsub(&room.to_string()).await == 2
+    })
+    .await;
+    for seq in 0..20 {
+        redis.publish(&room.to_string(), &chat("p", seq)).await;
+        assert_eq!(on_a.messages(1).await, vec![chat("p", seq)]);
+    }
+    let position = on_a.last_event_id.clone().expect("batches carry ids");
+    drop(on_a);
+    for seq in 20..40 {
+        redis.publish(&room.to_string(), &chat("p", seq)).await;
+    }
+    let expected: Vec<String> = (0..40).map(|s| chat("p", s)).collect();
+    assert_eq!(on_b.messages(40).await, expected, "B got everything too");
+
+    let mut moved = Subscriber::connect(&b.url(&sse_path(room)), Some(&position)).await;
+    assert_eq!(moved.status, 200);
+    assert_eq!(
+        moved.messages(20).await,
+        expected[20..].to_vec(),
+        "exactly what it missed, no reset"
+    );
+    for seq in 40..45 {
+        redis.publish(&room.to_string(), &chat("p", seq)).await;
+    }
+    let live: Vec<String> = (40..45).map(|s| chat("p", s)).collect();
+    assert_eq!(moved.messages(5).await, live, "then live");
+
+    // An id of the form earlier versions sent is unknown: `reset`, never an error.
+    let mut old = Subscriber::connect(&b.url(&sse_path(room)), Some("00000000000000ab-7")).await;
+    assert_eq!(old.status, 200);
+    assert_eq!(old.next_event().await.unwrap().event, "reset");
+}
+
+/// Opens `per_session` browsers on each session through nginx and waits until each
+/// got its response (then it is subscribed: what is published from now on reaches it).
+async fn open_browsers(fleet: &Fleet, rooms: &[Uuid], per_session: usize) -> Vec<(usize, Browser)> {
+    let browsers: Vec<(usize, Browser)> = (0..rooms.len() * per_session)
+        .map(|i| {
+            let room = i / per_session;
+            (room, Browser::open(fleet.stream_url(rooms[room]), RETRY))
+        })
+        .collect();
+    wait_until("every browser is connected", || async {
+        browsers
+            .iter()
+            .all(|(_, b)| !b.landed.lock().unwrap().is_empty())
+    })
+    .await;
+    let _ = fleet;
+    browsers
+}
+
+/// Stops publishing, waits until every browser got its session's last message, and
+/// returns what each saw with the number published to its session.
+async fn finish(
+    publisher: Publisher,
+    browsers: Vec<(usize, Browser)>,
+) -> (Vec<(usize, u64)>, Vec<(usize, Vec<String>, Vec<Seen>)>) {
+    let counts = publisher.stop().await;
+    wait_until("every browser got its session's last message", || async {
+        browsers
+            .iter()
+            .all(|(room, b)| b.latest() == Some(counts[*room].0 - 1))
+    })
+    .await;
+    let seen = join_all(browsers.into_iter().map(|(room, b)| async move {
+        let landed = b.landed.lock().unwrap().clone();
+        (room, landed, b.close().await)
+    }))
+    .await;
+    (counts, seen)
+}
+
+fn exact(n: usize) -> Vec<Seen> {
+    (0..n).map(Seen::Message).collect()
+}
+
+/// Waits until the tenant was billed `expected` per session, then two more report
+/// rounds on every instance, and checks nothing more came.
+async fn billed_exactly(fleet: &Fleet, rooms: &[Uuid], expected: impl Fn(usize) -> u64) {
+    wait_until("usage is reported", || async {
+        rooms
+            .iter()
+            .enumerate()
+            .all(|(i, r)| fleet.tenant.total(*r) >= expected(i))
+    })
+    .await;
+    for p in fleet.instances.iter().flatten() {
+        let rounds = p.metric("chat_sync_billing_flushes_total").await;
+        wait_until("two more report rounds", || async {
+            p.metric("chat_sync_billing_flushes_total").await >= rounds + 2.0
+        })
+        .await;
+    }
+    for (i, room) in rooms.iter().enumerate() {
+        assert_eq!(fleet.tenant.total(*room), expected(i), "session {i} billed once per message");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_and_repeats_nothing() {
+    let mut fleet = Fleet::start(&deploy_config(), &fleet_vars()).await;
+    let rooms: Vec<Uuid> = (0..SESSIONS).map(|_| Uuid::new_v4()).collect();
+    let browsers = open_browsers(&fleet, &rooms, VIEWERS_PER_SESSION).await;
+    let publisher = Publisher::start(fleet.redis.url(), rooms.clone(), 150);
+    // A browser that got nothing yet has no id to resume from (it starts afresh).
+    wait_until("the chat is going", || async {
+        browsers.iter().all(|(_, b)| b.latest().is_some())
+    })
+    .await;
+    for i in 0..3 {
+        let before = publisher.sent.load(std::sync::atomic::Ordering::Relaxed);
+        fleet.restart(i).await;
+        // Back before the next goes: every browser reconnected, and the chat went on.
+        wait_until("the browsers are back and the chat goes on", || async {
+            fleet.connections().await == (SESSIONS * VIEWERS_PER_SESSION) as f64
+                && publisher.sent.load(std::sync::atomic::Ordering::Relaxed) > before + 150
+        })
+        .await;
+    }
+    let (counts, seen) = finish(publisher, browsers).await;
+    let mut moved = 0;
+    for (room, landed, seen) in &seen {
+        moved += usize::from(landed.len() > 1);
+        assert_eq!(
+            *seen,
+            exact(counts[*room].0),
+            "session {room}: every message once, in order, no reset, across {landed:?}"
+        );
+    }
+    assert!(moved > 0, "some browsers had to move");
+    assert!(counts.iter().all(|(n, reached)| *n as u64 == *reached));
+    billed_exactly(&fleet, &rooms, |i| counts[i].0 as u64).await;
+    fleet.stopped_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_viewers_get_its_history_then_one_reset_at_the_gap() {
+    let mut fleet = Fleet::start(&deploy_config(), &fleet_vars()).await;
+    let rooms: Vec<Uuid> = (0..SESSIONS).map(|_| Uuid::new_v4()).collect();
+    let browsers = open_browsers(&fleet, &rooms, VIEWERS_PER_SESSION).await;
+    let publisher = Publisher::start(fleet.redis.url(), rooms.clone(), 150);
+    wait_until("the chat is going", || async {
+        browsers.iter().all(|(_, b)| b.latest().is_some())
+    })
+    .await;
+    fleet.kill_and_restart(1).await;
+    let before = publisher.sent.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until("the browsers are back and the chat goes on", || async {
+        fleet.connections().await == (SESSIONS * VIEWERS_PER_SESSION) as f64
+            && publisher.sent.load(std::sync::atomic::Ordering::Relaxed) > before + 150
+    })
+    .await;
+    let (counts, seen) = finish(publisher, browsers).await;
+    let mut killed_rooms = std::collections::HashSet::new();
+    for (room, landed, seen) in &seen {
+        let n = counts[*room].0;
+        if landed[0] != "inst-2" {
+            assert_eq!(*seen, exact(n), "session {room} was not on the killed instance");
+            continue;
+        }
+        killed_rooms.insert(*room);
+        // Everything up to what the killed instance had written to the history, then
+        // (if anything could be missing) one reset, then everything after the new
+        // instance subscribed: never a repeat, never out of order.
+        let resets = seen.iter().filter(|s| **s == Seen::Reset).count();
+        assert!(resets <= 1, "session {room}: {resets} resets");
+        let at = seen.iter().position(|s| *s == Seen::Reset).unwrap_or(seen.len());
+        let (before, after) = (&seen[..at], &seen[(at + 1).min(seen.len())..]);
+        assert_eq!(before.to_vec(), exact(before.len()), "session {room}: a prefix");
+        let first = match after.first() {
+            Some(Seen::Message(m)) => *m,
+            _ => n,
+        };
+        assert!(first >= before.len(), "session {room}: nothing twice");
+        assert_eq!(
+            after.to_vec(),
+            (first..n).map(Seen::Message).collect::<Vec<_>>(),
+            "session {room}: a suffix"
+        );
+    }
+    assert!(!killed_rooms.is_empty());
+    // Usage is never doubled; the sessions of the other instances are billed exactly.
+    billed_exactly(&fleet, &rooms, |i| {
+        if killed_rooms.contains(&i) {
+            fleet.tenant.total(rooms[i]).min(counts[i].1)
+        } else {
+            counts[i].1
+        }
+    })
+    .await;
+    for (i, room) in rooms.iter().enumerate() {
+        assert!(fleet.tenant.total(*room) <= counts[i].1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_session_spread_over_three_instances_reaches_every_viewer_once() {
+    const VIEWERS: usize = 3000;
+    const MESSAGES: usize = 20;
+    let _ = rlimit::increase_nofile_limit(20_000);
+    let room = Uuid::new_v4();
+    // The documented hot-session mode: the session listed in the map.
+    let conf = deploy_config().replace(
+        "default  chat_sync_streams;",
+        &format!("default  chat_sync_streams;\n        {room}  chat_sync_spread;"),
+    );
+    let mut vars = fleet_vars();
+    vars.push(("MAX_STREAMS_PER_CLIENT", "100000"));
+    let fleet = Fleet::start(&conf, &vars).await;
+    let url = fleet.stream_url(room);
+    let mut viewers = join_all((0..VIEWERS).map(|_| Subscriber::connect(&url, None))).await;
+    assert!(viewers.iter().all(|v| v.status == 200));
+    wait_until("every viewer is connected", || async {
+        fleet.connections().await == VIEWERS as f64
+    })
+    .await;
+    for p in fleet.instances.iter().flatten() {
+        assert!(p.metric("chat_sync_connections").await > 0.0, "spread over all three");
+    }
+    // A viewer that moves between instances mid-show.
+    let (first, second) = (
+        fleet.instances[0].as_ref().unwrap(),
+        fleet.instances[1].as_ref().unwrap(),
+    );
+    let mut mover = Subscriber::connect(&first.url(&sse_path(room)), None).await;
+    let expected: Vec<String> = (0..MESSAGES).map(|s| chat("p", s)).collect();
+    for seq in 0..MESSAGES {
+        fleet.redis.publish(&room.to_string(), &expected[seq]).await;
+        if seq == MESSAGES / 2 {
+            assert_eq!(mover.messages(seq + 1).await, expected[..=seq].to_vec());
+            let position = mover.last_event_id.clone();
+            mover = Subscriber::connect(&second.url(&sse_path(room)), position.as_deref()).await;
+        }
+    }
+    assert_eq!(
+        mover.messages(MESSAGES - MESSAGES / 2 - 1).await,
+        expected[MESSAGES / 2 + 1..].to_vec(),
+        "the moved viewer resumes exactly"
+    );
+    let got = join_all(viewers.iter_mut().map(|v| async {
+        let mut got = Vec::new();
+        while got.len() < MESSAGES {
+            let event = tokio::time::timeout(WAIT, v.next_event()).await.unwrap().unwrap();
+            assert_eq!(event.event, "message");
+            got.extend(batch(&event));
+        }
+        got
+    }))
+    .await;
+    assert!(got.iter().all(|g| *g == expected), "every viewer, every message, once");
+    billed_exactly(&fleet, &[room], |_| MESSAGES as u64).await;
+}
