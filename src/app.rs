@@ -50,18 +50,28 @@ impl Application {
             config.inbox_bytes,
             metrics.clone(),
         ));
+        let history = Arc::new(
+            History::new(&config, sessions.clone(), metrics.clone())
+                .context("cannot set up the shared history")?,
+        );
         let sink: Sink = {
-            let sessions = sessions.clone();
-            Arc::new(move |event| sessions.on_broker_event(event))
+            let (sessions, history) = (sessions.clone(), history.clone());
+            Arc::new(move |event| {
+                history.on_broker_event(&event);
+                sessions.on_broker_event(event);
+            })
         };
         let broker = match &config.redis {
             None => Broker::memory(sink),
-            Some(info) => Broker::redis(info.clone(), sink, &tasks, background.clone())
-                .context("cannot set up the Redis connection")?,
+            Some(info) => Broker::redis(
+                info.clone(),
+                sink,
+                history.is_standby(),
+                &tasks,
+                background.clone(),
+            )
+            .context("cannot set up the Redis connection")?,
         };
-        let history = Arc::new(
-            History::new(&config, metrics.clone()).context("cannot set up the shared history")?,
-        );
         let registry = Arc::new(Registry::new(
             sessions,
             broker.clone(),

@@ -107,6 +107,9 @@ pub struct Config {
     /// Longest time a stopping instance keeps serving its sessions' history after its
     /// viewers left, until other instances took them over.
     pub shutdown_handover: Duration,
+    /// Also listen to every session and write the history of those served elsewhere,
+    /// so that a killed instance's sessions are joined exactly.
+    pub history_standby: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -182,8 +185,9 @@ impl Config {
             trusted_proxies: trusted_proxies(&env)?,
             history_messages: env.count("HISTORY_MESSAGES", position::WINDOW, 0..=1_000_000)?,
             history_bytes: env.count("HISTORY_BYTES", 1 << 20, 1_024..=1 << 30)?,
-            handover_wait: env.millis("HANDOVER_WAIT_MS", 2_000, 0..=60_000)?,
+            handover_wait: env.millis("HANDOVER_WAIT_MS", 5_000, 0..=60_000)?,
             shutdown_handover: env.millis("SHUTDOWN_HANDOVER_MS", 10_000, 0..=600_000)?,
+            history_standby: env.parse("HISTORY_STANDBY", false, "true or false")?,
         };
         if (1..position::WINDOW).contains(&config.history_messages) {
             return Err(ConfigError::Rejected {
@@ -415,6 +419,7 @@ mod tests {
             ("CORS_ALLOWED_ORIGINS", "example.com"),
             ("HISTORY_MESSAGES", "10"),
             ("HANDOVER_WAIT_MS", "soon"),
+            ("HISTORY_STANDBY", "yes"),
         ] {
             let err = config(&[(var, value), ("REDIS_IP", "127.0.0.1")])
                 .err()

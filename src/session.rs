@@ -166,6 +166,8 @@ impl Sessions {
     pub fn on_broker_event(&self, event: BrokerEvent<'_>) {
         match event {
             BrokerEvent::Message { channel, payload } => self.on_message(channel, payload),
+            // Pattern subscriptions are the history standby's, not sessions'.
+            BrokerEvent::Pattern { .. } => {}
             BrokerEvent::Disconnected => {
                 self.metrics.broker_disconnects.inc();
                 for session in self.map.iter() {
@@ -242,6 +244,25 @@ impl Sessions {
             }
         }
     }
+}
+
+/// `<session> <id in hex>`, as `history` publishes it.
+pub fn parse_join_request(payload: &[u8]) -> Option<(Uuid, u64)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (session, ask) = text.split_once(' ')?;
+    Some((
+        Uuid::try_parse(session).ok()?,
+        u64::from_str_radix(ask, 16).ok()?,
+    ))
+}
+
+/// `<session> +`: an instance is about to subscribe to the session.
+pub fn parse_subscribing(payload: &[u8]) -> Option<Uuid> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (session, mark) = text.split_once(' ')?;
+    (mark == crate::broker::SUBSCRIBING)
+        .then(|| Uuid::try_parse(session).ok())
+        .flatten()
 }
 
 /// Join requests kept per session between two ticks; more (from a misbehaving Redis

@@ -26,11 +26,25 @@ pub const END_SUFFIX: &str = "_END";
 /// serve a session publishes a join request there (`history`).
 pub const JOIN_CHANNEL: &str = "chat-sync:history:join";
 
+/// On [`JOIN_CHANNEL`], `<session> +`: an instance is about to subscribe to the
+/// session (its join request follows once it has).
+pub const SUBSCRIBING: &str = "+";
+
+/// Every session's chat channel (a UUID) and nothing else (not `_END`, not ours).
+pub const SESSION_PATTERN: &str = "????????-????-????-????-????????????";
+
+/// Nothing is published here: each history standby subscribes, so that `PUBSUB
+/// NUMSUB` counts them (`NUMPAT` counts distinct patterns, not subscribers).
+pub const STANDBY_CHANNEL: &str = "chat-sync:history:standby";
+
 /// What the broker reports to the rest of the server.
 #[derive(Debug)]
 pub enum BrokerEvent<'a> {
     /// A payload published on `channel`.
     Message { channel: &'a [u8], payload: Bytes },
+    /// A payload published on `channel`, received through the history standby's
+    /// pattern subscription (every session's chat channel).
+    Pattern { channel: &'a [u8], payload: Bytes },
     /// The Redis connection was lost; whatever is published until it is back is lost.
     Disconnected,
 }
@@ -80,10 +94,12 @@ impl Broker {
     pub fn redis(
         info: ::redis::ConnectionInfo,
         sink: Sink,
+        standby: bool,
         tasks: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Self, BrokerError> {
-        redis::RedisBroker::start(info, sink, tasks, token).map(|b| Self::Redis(Arc::new(b)))
+        redis::RedisBroker::start(info, sink, standby, tasks, token)
+            .map(|b| Self::Redis(Arc::new(b)))
     }
 
     /// Subscribes to the session's chat and end channels. Must not block: callers hold

@@ -17,7 +17,8 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::{
-    BrokerError, BrokerEvent, JOIN_CHANNEL, Sink, SubscribeAck, chat_channel, end_channel,
+    BrokerError, BrokerEvent, JOIN_CHANNEL, SESSION_PATTERN, STANDBY_CHANNEL, SUBSCRIBING, Sink,
+    SubscribeAck, chat_channel, end_channel,
 };
 
 /// Longest wait for one command, including a reconnect in progress (the crate's own
@@ -52,6 +53,7 @@ impl RedisBroker {
     pub fn start(
         info: ConnectionInfo,
         sink: Sink,
+        standby: bool,
         tasks: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Self, BrokerError> {
@@ -89,6 +91,7 @@ impl RedisBroker {
         let listening = Arc::new(AtomicBool::new(false));
         tasks.spawn(listen_for_joins(
             manager.clone(),
+            standby,
             listening.clone(),
             token.clone(),
         ));
@@ -188,6 +191,17 @@ fn on_push(sink: &Sink, connected: &AtomicBool, push: PushInfo) {
                 });
             }
         }
+        PushKind::PMessage => {
+            let mut data = push.data.into_iter().skip(1);
+            if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
+                (data.next(), data.next())
+            {
+                sink(BrokerEvent::Pattern {
+                    channel: &channel,
+                    payload: Bytes::from(payload),
+                });
+            }
+        }
         PushKind::Disconnection => {
             if connected.swap(false, Ordering::AcqRel) {
                 tracing::warn!("redis connection lost; reconnecting");
@@ -245,7 +259,10 @@ async fn run_commands(
                 let sessions: Vec<Uuid> = run.iter().map(Command::session).collect();
                 deferred.retain(|s| !sessions.contains(s));
                 let result = if up {
-                    with_timeout(manager.subscribe(&channels(&sessions))).await
+                    match with_timeout(announce(&mut manager, &sessions)).await {
+                        Ok(()) => with_timeout(manager.subscribe(&channels(&sessions))).await,
+                        Err(e) => Err(e),
+                    }
                 } else {
                     Err(BrokerError::Unavailable)
                 };
@@ -273,6 +290,19 @@ async fn run_commands(
     tracing::debug!("redis command task stopped");
 }
 
+/// Tells every instance, before subscribing, that this one is about to serve these
+/// sessions: an instance that is stopping then waits for this one's join request
+/// instead of taking the new subscription for one that already serves the session.
+/// Sent on the subscribing connection, so Redis orders it before the subscription.
+async fn announce(manager: &mut ConnectionManager, sessions: &[Uuid]) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for session in sessions {
+        pipe.publish(JOIN_CHANNEL, format!("{session} {SUBSCRIBING}"))
+            .ignore();
+    }
+    pipe.query_async(manager).await
+}
+
 impl Command {
     fn session(&self) -> Uuid {
         match self {
@@ -289,15 +319,29 @@ fn channels(sessions: &[Uuid]) -> Vec<String> {
         .collect()
 }
 
-/// Subscribes to the join-request channel once Redis is there; the manager restores
-/// the subscription after every reconnect.
+/// Subscribes to the join-request channel (and, for a history standby, to every
+/// session's channel) once Redis is there; the manager restores the subscriptions
+/// after every reconnect.
 async fn listen_for_joins(
     mut manager: ConnectionManager,
+    standby: bool,
     listening: Arc<AtomicBool>,
     token: CancellationToken,
 ) {
+    let channels: &[&str] = if standby {
+        &[JOIN_CHANNEL, STANDBY_CHANNEL]
+    } else {
+        &[JOIN_CHANNEL]
+    };
+    let mut joins = false;
     loop {
-        if with_timeout(manager.subscribe(JOIN_CHANNEL)).await.is_ok() {
+        joins = joins || with_timeout(manager.subscribe(channels)).await.is_ok();
+        if joins
+            && (!standby
+                || with_timeout(manager.psubscribe(SESSION_PATTERN))
+                    .await
+                    .is_ok())
+        {
             listening.store(true, Ordering::Release);
             return;
         }

@@ -40,7 +40,8 @@ impl History {
         let asked = broker.publish(JOIN_CHANNEL.into(), request).await.is_ok();
         let deadline = Instant::now() + self.handover_wait;
         while asked && Instant::now() < deadline {
-            match store.poll(session.id, ask).await {
+            let own_standby = u64::from(self.is_standby());
+            match store.poll(session.id, ask, own_standby).await {
                 Ok((_, true)) => break,
                 Ok((true, _)) if own_ask(session, ask).is_some() => break,
                 _ => tokio::time::sleep(POLL).await,

@@ -6,18 +6,23 @@
 //! missing. Without Redis (one instance) there is no history and nothing to join.
 
 mod join;
+mod standby;
 mod store;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::broker::BrokerEvent;
 use crate::broker::{Broker, JOIN_CHANNEL, chat_channel};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::session::Sessions;
+use standby::Standby;
 use store::HistoryStore;
 pub use store::{Cursor, Item};
 
@@ -25,33 +30,67 @@ pub use store::{Cursor, Item};
 const TTL: Duration = Duration::from_secs(30 * 60);
 /// How often a stopping instance looks whether its sessions were taken over.
 const HANDOVER_POLL: Duration = Duration::from_millis(100);
-/// Another instance subscribed this long without asking to join was already serving
-/// the session (a joining one asks within milliseconds of subscribing).
+/// Another instance subscribed (without announcing a new subscription) this long was
+/// already serving the session; the wait covers an announcement still on its way.
 const SHARED_FOR: Duration = Duration::from_secs(1);
 
-/// What the tick loop hands over, in order.
+/// Who writes a session's history here: the session served on this instance, or the
+/// standby watching it; each has its own view, hence its own cursor.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct Writer {
+    session: Uuid,
+    standby: bool,
+}
+
+impl Writer {
+    fn served(session: Uuid) -> Self {
+        Self {
+            session,
+            standby: false,
+        }
+    }
+
+    fn standby(session: Uuid) -> Self {
+        Self {
+            session,
+            standby: true,
+        }
+    }
+}
+
+/// What the tick loop (and the standby) hand over, in order.
 enum Op {
-    /// The session joined the history here, at this cursor.
-    Start(Uuid, Cursor),
-    Items(Uuid, Vec<Item>),
-    /// The session was freed here: forget its cursor once its items are written.
-    Close(Uuid),
+    /// The writer joined the history here, at this cursor.
+    Start(Writer, Cursor),
+    Items(Writer, Vec<Item>),
+    /// The writer is done: forget its cursor once its items are written.
+    Close(Writer),
 }
 
 pub struct History {
     store: Option<HistoryStore>,
+    /// `HISTORY_STANDBY`: writes the history of sessions served elsewhere too.
+    standby: Option<Standby>,
     queue: Mutex<Vec<Op>>,
     /// Where each session's writes stand; only the writer task touches it.
-    cursors: Mutex<HashMap<Uuid, Cursor>>,
+    cursors: Mutex<HashMap<Writer, Cursor>>,
     /// Sessions whose join requests this instance answered (read during handover).
     answered: Mutex<HashSet<Uuid>>,
+    /// Sessions another instance announced it is subscribing to, noted only once this
+    /// instance is stopping (read during handover).
+    subscribing: Mutex<HashSet<Uuid>>,
+    stopping: AtomicBool,
     /// Longest wait of a joining session for an instance serving it to answer.
     pub handover_wait: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl History {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> redis::RedisResult<Self> {
+    pub fn new(
+        config: &Config,
+        sessions: Arc<Sessions>,
+        metrics: Arc<Metrics>,
+    ) -> redis::RedisResult<Self> {
         let store = match &config.redis {
             Some(info) if config.history_messages > 0 => Some(HistoryStore::new(
                 info.clone(),
@@ -61,11 +100,22 @@ impl History {
             )?),
             _ => None,
         };
+        let standby = (store.is_some() && config.history_standby).then(|| {
+            Standby::new(
+                sessions,
+                config.max_sessions,
+                config.inbox_bytes,
+                metrics.clone(),
+            )
+        });
         Ok(Self {
             store,
+            standby,
             queue: Mutex::new(Vec::new()),
             cursors: Mutex::new(HashMap::new()),
             answered: Mutex::new(HashSet::new()),
+            subscribing: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
             handover_wait: config.handover_wait,
             metrics,
         })
@@ -75,9 +125,12 @@ impl History {
     pub fn disabled(metrics: Arc<Metrics>) -> Self {
         Self {
             store: None,
+            standby: None,
             queue: Mutex::new(Vec::new()),
             cursors: Mutex::new(HashMap::new()),
             answered: Mutex::new(HashSet::new()),
+            subscribing: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
             handover_wait: Duration::ZERO,
             metrics,
         }
@@ -88,23 +141,52 @@ impl History {
         self.store.is_some()
     }
 
+    /// Whether this instance listens to every session for the history.
+    pub fn is_standby(&self) -> bool {
+        self.standby.is_some()
+    }
+
+    /// The broker's events: announcements of subscriptions (for the handover), and
+    /// everything for the standby. Never waits.
+    pub fn on_broker_event(&self, event: &BrokerEvent<'_>) {
+        if let BrokerEvent::Message { channel, payload } = event
+            && *channel == JOIN_CHANNEL.as_bytes()
+            && self.stopping.load(Ordering::Acquire)
+            && let Some(session) = crate::session::parse_subscribing(payload)
+        {
+            self.subscribing.lock().unwrap().insert(session);
+        }
+        if let Some(standby) = &self.standby {
+            standby.on_broker_event(event);
+        }
+    }
+
     /// What the tick loop captured for `session`, in order. Never waits.
     pub fn record(&self, session: Uuid, items: Vec<Item>) {
         if self.enabled() && !items.is_empty() {
-            self.queue.lock().unwrap().push(Op::Items(session, items));
+            self.queue
+                .lock()
+                .unwrap()
+                .push(Op::Items(Writer::served(session), items));
         }
     }
 
     /// `session` was freed on this instance.
     pub fn closed(&self, session: Uuid) {
         if self.enabled() {
-            self.queue.lock().unwrap().push(Op::Close(session));
+            self.queue
+                .lock()
+                .unwrap()
+                .push(Op::Close(Writer::served(session)));
         }
     }
 
     fn start(&self, session: Uuid, cursor: Cursor) {
         if self.enabled() {
-            self.queue.lock().unwrap().push(Op::Start(session, cursor));
+            self.queue
+                .lock()
+                .unwrap()
+                .push(Op::Start(Writer::served(session), cursor));
         }
     }
 
@@ -117,13 +199,14 @@ impl History {
     /// that a session was taken over (earlier ones, a joiner's own included, do not).
     pub fn stopping(&self) {
         self.take_answered();
+        self.stopping.store(true, Ordering::Release);
     }
 
     /// A stopping instance keeps its subscriptions, its writes and its answers to join
     /// requests until each session that had viewers was taken over by another
-    /// instance (it answered that instance's join request, or another instance has
-    /// been subscribed for a while), or until `limit`: a viewer that moves on then
-    /// resumes exactly.
+    /// instance (it answered that instance's join request, or another instance
+    /// already served it: subscribed without having announced a new subscription),
+    /// or until `limit`: a viewer that moves on then resumes exactly.
     pub async fn handover(&self, broker: &Broker, sessions: Vec<Uuid>, limit: Duration) {
         if !self.enabled() || sessions.is_empty() {
             return;
@@ -148,9 +231,10 @@ impl History {
                 break;
             }
             let now = Instant::now();
+            let subscribing = self.subscribing.lock().unwrap().clone();
             for (id, n) in ids.into_iter().zip(counts) {
                 let shared = left.get_mut(&id).expect("listed");
-                match (n >= 2, *shared) {
+                match (n >= 2 && !subscribing.contains(&id), *shared) {
                     (false, _) => *shared = None,
                     (true, None) => *shared = Some(now),
                     (true, Some(since)) if now.duration_since(since) >= SHARED_FOR => {
@@ -190,30 +274,40 @@ impl History {
     /// history marks where it may have missed something.
     async fn write_round(&self) {
         let Some(store) = &self.store else { return };
-        let ops = std::mem::take(&mut *self.queue.lock().unwrap());
+        let mut ops = std::mem::take(&mut *self.queue.lock().unwrap());
+        if let Some(standby) = &self.standby {
+            let (runs, gone) = standby.drain();
+            ops.extend(
+                runs.into_iter()
+                    .map(|(id, items)| Op::Items(Writer::standby(id), items)),
+            );
+            ops.extend(gone.into_iter().map(|id| Op::Close(Writer::standby(id))));
+        }
         if ops.is_empty() {
             return;
         }
         let mut runs: Vec<(Uuid, Cursor, Vec<Item>)> = Vec::new();
+        let mut writers: Vec<Writer> = Vec::new();
         let mut closed = Vec::new();
         {
             let mut cursors = self.cursors.lock().unwrap();
-            let mut at: HashMap<Uuid, usize> = HashMap::new();
+            let mut at: HashMap<Writer, usize> = HashMap::new();
             for op in ops {
                 match op {
-                    Op::Start(session, cursor) => {
-                        closed.retain(|s| *s != session);
-                        cursors.insert(session, cursor);
+                    Op::Start(writer, cursor) => {
+                        closed.retain(|w| *w != writer);
+                        cursors.insert(writer, cursor);
                     }
-                    Op::Items(session, items) => {
-                        let i = *at.entry(session).or_insert_with(|| {
-                            let cursor = *cursors.get(&session).unwrap_or(&Cursor::Unjoined);
-                            runs.push((session, cursor, Vec::new()));
+                    Op::Items(writer, items) => {
+                        let i = *at.entry(writer).or_insert_with(|| {
+                            let cursor = *cursors.get(&writer).unwrap_or(&Cursor::Unjoined);
+                            runs.push((writer.session, cursor, Vec::new()));
+                            writers.push(writer);
                             runs.len() - 1
                         });
                         runs[i].2.extend(items);
                     }
-                    Op::Close(session) => closed.push(session),
+                    Op::Close(writer) => closed.push(writer),
                 }
             }
         }
@@ -226,23 +320,23 @@ impl History {
         match result {
             Ok(after) => {
                 let mut answered = self.answered.lock().unwrap();
-                for ((session, ..), (cursor, asks)) in runs.iter().zip(after) {
-                    cursors.insert(*session, cursor);
-                    if asks > 0 {
-                        answered.insert(*session);
+                for (writer, (cursor, asks)) in writers.iter().zip(after) {
+                    cursors.insert(*writer, cursor);
+                    if asks > 0 && !writer.standby {
+                        answered.insert(writer.session);
                     }
                 }
             }
             Err(e) => {
                 tracing::warn!(sessions = runs.len(), error = %e, "history write failed");
                 self.metrics.history_write_errors.inc();
-                for (session, ..) in &runs {
-                    cursors.insert(*session, Cursor::Gap);
+                for writer in &writers {
+                    cursors.insert(*writer, Cursor::Gap);
                 }
             }
         }
-        for session in closed {
-            cursors.remove(&session);
+        for writer in closed {
+            cursors.remove(&writer);
         }
     }
 }

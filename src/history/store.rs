@@ -12,7 +12,7 @@ use redis::aio::ConnectionManager;
 use redis::{ConnectionInfo, Pipeline};
 use uuid::Uuid;
 
-use crate::broker::chat_channel;
+use crate::broker::{STANDBY_CHANNEL, chat_channel};
 
 /// Appends a writer's run of items where it continues the history (see the module
 /// docs of `history`). KEYS: list, index, meta. ARGV: max entries, max bytes, ttl ms,
@@ -214,17 +214,30 @@ impl HistoryStore {
 
     /// Whether the join request `ask` was answered yet, and whether waiting longer
     /// is pointless: the history is empty, or no other instance is subscribed to the
-    /// session to answer.
-    pub async fn poll(&self, session: Uuid, ask: u64) -> redis::RedisResult<(bool, bool)> {
+    /// session to answer (neither serving it nor as a history standby).
+    pub async fn poll(
+        &self,
+        session: Uuid,
+        ask: u64,
+        own_standby: u64,
+    ) -> redis::RedisResult<(bool, bool)> {
         let [list, _, meta] = keys(session);
         let mut pipe = redis::pipe();
         pipe.cmd("HEXISTS")
             .arg(&meta)
             .arg(format!("ask:{}", hex(ask)));
         pipe.cmd("LLEN").arg(&list);
-        pipe.cmd("PUBSUB").arg("NUMSUB").arg(chat_channel(session));
-        let (answered, len, numsub): (bool, u64, (String, u64)) = self.run(&pipe).await?;
-        Ok((answered, len == 0 || numsub.1 <= 1))
+        pipe.cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(chat_channel(session))
+            .arg(STANDBY_CHANNEL);
+        type Counts = ((String, u64), (String, u64));
+        let (answered, len, ((_, serving), (_, standbys))): (bool, u64, Counts) =
+            self.run(&pipe).await?;
+        Ok((
+            answered,
+            len == 0 || (serving <= 1 && standbys <= own_standby),
+        ))
     }
 
     /// The whole history, and where `ask` fell if it was answered.

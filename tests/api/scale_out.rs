@@ -54,7 +54,11 @@ async fn nginx_keeps_each_session_on_one_instance_and_hands_a_stopped_ones_sessi
     let mut apps = Vec::new();
     for i in 1..=3 {
         let id = format!("inst-{i}");
-        let vars = [("INSTANCE_ID", id.as_str()), ("TICK_MS", "24")];
+        let vars = [
+            ("INSTANCE_ID", id.as_str()),
+            ("TICK_MS", "24"),
+            ("SHUTDOWN_HANDOVER_MS", "60000"),
+        ];
         apps.push(Some(TestApp::spawn(Some(&redis), &vars).await));
     }
     let upstreams: Vec<String> = apps
@@ -106,20 +110,28 @@ async fn nginx_keeps_each_session_on_one_instance_and_hands_a_stopped_ones_sessi
     // elsewhere while it hands its sessions over.
     let gone = "inst-2";
     let stopping = tokio::spawn(apps[1].take().unwrap().stop());
+    // Its viewers all reconnect at once, as browsers do.
+    let reconnected = join_all(
+        viewers
+            .iter_mut()
+            .filter(|(room, _)| placed[room] == gone)
+            .map(|(room, viewer)| {
+                let url = nginx.url(&sse_path(rooms[*room]));
+                async move {
+                    assert_eq!(viewer.next_event().await.unwrap().event, "shutdown");
+                    assert!(viewer.next_event().await.is_none());
+                    let last = viewer.last_event_id.clone();
+                    *viewer = Subscriber::connect(&url, last.as_deref()).await;
+                    assert_eq!(viewer.status, 200);
+                    (*room, instance(viewer))
+                }
+            }),
+    )
+    .await;
     let mut moved: HashMap<usize, String> = HashMap::new();
-    for (room, viewer) in viewers.iter_mut() {
-        if placed[room] != gone {
-            continue;
-        }
-        assert_eq!(viewer.next_event().await.unwrap().event, "shutdown");
-        assert!(viewer.next_event().await.is_none());
-        let last = viewer.last_event_id.clone();
-        let url = nginx.url(&sse_path(rooms[*room]));
-        *viewer = Subscriber::connect(&url, last.as_deref()).await;
-        assert_eq!(viewer.status, 200);
-        let now_at = instance(viewer);
+    for (room, now_at) in reconnected {
         assert_ne!(now_at, gone);
-        let first = moved.entry(*room).or_insert_with(|| now_at.clone());
+        let first = moved.entry(room).or_insert_with(|| now_at.clone());
         assert_eq!(
             *first, now_at,
             "a moved session still lands on one instance"

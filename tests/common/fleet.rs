@@ -76,12 +76,21 @@ impl Fleet {
         let old = self.instances[i].take().expect("running");
         old.terminate();
         self.stopping.push(old);
+        // Until the old process closes its listener it would answer the new one's
+        // readiness probe.
+        let port = self.ports[i];
+        super::wait_until("the stopping instance lets go of its port", || async move {
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        })
+        .await;
         self.launch(i).await;
     }
 
     /// `kill -9` of instance `i`, then a new process on its port.
     pub async fn kill_and_restart(&mut self, i: usize) {
-        drop(self.instances[i].take());
+        let mut killed = self.instances[i].take().expect("running");
+        killed.kill();
+        killed.wait_exit().await;
         self.launch(i).await;
     }
 
@@ -141,7 +150,10 @@ impl Browser {
                             continue;
                         }
                     };
-                    let at = viewer.headers.get("x-instance-id").map(|h| h.to_str().unwrap_or(""));
+                    let at = viewer
+                        .headers
+                        .get("x-instance-id")
+                        .map(|h| h.to_str().unwrap_or(""));
                     landed.lock().unwrap().push(at.unwrap_or("").to_string());
                     while !stop.load(Ordering::Acquire) {
                         let event = match viewer.next_event_within(Duration::from_millis(200)).await
@@ -153,9 +165,8 @@ impl Browser {
                         last = viewer.last_event_id.clone();
                         let mut seen = seen.lock().unwrap();
                         match event.event.as_str() {
-                            "message" => seen.extend(
-                                batch(&event).iter().map(|p| Seen::Message(seq_of(p).1)),
-                            ),
+                            "message" => seen
+                                .extend(batch(&event).iter().map(|p| Seen::Message(seq_of(p).1))),
                             "reset" => seen.push(Seen::Reset),
                             "shutdown" => {}
                             other => seen.push(Seen::Other(other.to_string())),
@@ -175,10 +186,15 @@ impl Browser {
 
     /// The highest message number seen so far.
     pub fn latest(&self) -> Option<usize> {
-        self.seen.lock().unwrap().iter().rev().find_map(|s| match s {
-            Seen::Message(n) => Some(*n),
-            _ => None,
-        })
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find_map(|s| match s {
+                Seen::Message(n) => Some(*n),
+                _ => None,
+            })
     }
 
     pub async fn close(self) -> Vec<Seen> {

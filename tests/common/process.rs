@@ -27,11 +27,7 @@ impl ServerProcess {
         Self::spawn_at(free_port, nofile, vars).await
     }
 
-    async fn spawn_at(
-        port: impl Fn() -> u16,
-        nofile: Option<u64>,
-        vars: &[(&str, &str)],
-    ) -> Self {
+    async fn spawn_at(port: impl Fn() -> u16, nofile: Option<u64>, vars: &[(&str, &str)]) -> Self {
         for _ in 0..40 {
             let port = port();
             let binary = env!("CARGO_BIN_EXE_chat-sync");
@@ -99,6 +95,11 @@ impl ServerProcess {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
     }
 
     /// Waits for the process to exit (panics after [`super::WAIT`]); its exit code.

@@ -1,0 +1,142 @@
+//! `HISTORY_STANDBY`: this instance also listens to every session (one pattern
+//! subscription) and writes the shared history of the sessions it does not serve, so
+//! that a session whose instance is killed can be joined exactly by the next one (the
+//! standby answers its join request). The cost: every message also reaches this
+//! instance, and one script call per active session per tick.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::store::Item;
+use crate::broker::{BrokerEvent, JOIN_CHANNEL};
+use crate::metrics::Metrics;
+use crate::position::Fingerprinter;
+use crate::session::Sessions;
+
+/// A session not heard from for this long is forgotten.
+const IDLE: Duration = Duration::from_secs(600);
+
+/// One session watched for the history.
+struct Watch {
+    fingerprints: Fingerprinter,
+    items: Vec<Item>,
+    bytes: usize,
+    last: Instant,
+}
+
+pub struct Standby {
+    watches: Mutex<HashMap<Uuid, Watch>>,
+    /// Sessions served here write their own history.
+    sessions: Arc<Sessions>,
+    max_sessions: usize,
+    /// Bytes a watch may hold between two writes (as a session's inbox).
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Standby {
+    pub fn new(
+        sessions: Arc<Sessions>,
+        max_sessions: usize,
+        max_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            watches: Mutex::new(HashMap::new()),
+            sessions,
+            max_sessions,
+            max_bytes,
+            metrics,
+        }
+    }
+
+    /// Takes what the broker delivered; runs on the broker's task, never waits.
+    pub fn on_broker_event(&self, event: &BrokerEvent<'_>) {
+        match event {
+            BrokerEvent::Pattern { channel, payload } => self.on_message(channel, payload),
+            BrokerEvent::Message { channel, payload } if *channel == JOIN_CHANNEL.as_bytes() => {
+                if let Some((session, ask)) = crate::session::parse_join_request(payload)
+                    && let Some(watch) = self.watches.lock().unwrap().get_mut(&session)
+                {
+                    watch.items.push(Item::Ask(ask));
+                }
+            }
+            BrokerEvent::Message { .. } => {}
+            BrokerEvent::Disconnected => {
+                for watch in self.watches.lock().unwrap().values_mut() {
+                    watch.fingerprints.gap();
+                    watch.items.push(Item::Gap);
+                }
+            }
+        }
+    }
+
+    fn on_message(&self, channel: &[u8], payload: &Bytes) {
+        let Ok(session) = Uuid::try_parse_ascii(channel) else {
+            return;
+        };
+        if self.served_here(session) {
+            return;
+        }
+        let mut watches = self.watches.lock().unwrap();
+        if !watches.contains_key(&session) && watches.len() >= self.max_sessions {
+            self.metrics.drop_message("standby_full");
+            return;
+        }
+        let watch = watches.entry(session).or_insert_with(|| Watch {
+            fingerprints: Fingerprinter::default(),
+            items: Vec::new(),
+            bytes: 0,
+            last: Instant::now(),
+        });
+        watch.last = Instant::now();
+        if watch.bytes + payload.len() > self.max_bytes {
+            // As a full inbox: the history gets a gap here rather than unbounded memory.
+            watch.items.clear();
+            watch.bytes = 0;
+            watch.fingerprints.gap();
+            watch.items.push(Item::Gap);
+            return;
+        }
+        watch.bytes += payload.len();
+        let fp = watch.fingerprints.next(payload);
+        watch.items.push(Item::Message(fp, payload.clone()));
+    }
+
+    /// Served here and joined: its own writer takes over. Until it joined, the watch
+    /// goes on, so that it can answer this instance's own join request.
+    fn served_here(&self, session: Uuid) -> bool {
+        self.sessions
+            .map
+            .get(&session)
+            .is_some_and(|s| s.joined.initialized())
+    }
+
+    /// What arrived since the last call, per session, for the history writer; and the
+    /// sessions forgotten (idle, or now served here) whose cursors can go.
+    pub fn drain(&self) -> (Vec<(Uuid, Vec<Item>)>, Vec<Uuid>) {
+        let now = Instant::now();
+        let mut watches = self.watches.lock().unwrap();
+        let mut gone = Vec::new();
+        watches.retain(|id, watch| {
+            let keep = now.duration_since(watch.last) < IDLE && !self.served_here(*id);
+            if !keep {
+                gone.push(*id);
+            }
+            keep
+        });
+        let runs = watches
+            .iter_mut()
+            .filter(|(_, w)| !w.items.is_empty())
+            .map(|(id, w)| {
+                w.bytes = 0;
+                (*id, std::mem::take(&mut w.items))
+            })
+            .collect();
+        (runs, gone)
+    }
+}
