@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::broker::{Broker, BrokerError};
@@ -95,6 +96,17 @@ pub struct Registry {
     closing: AtomicBool,
     pub metrics: Arc<Metrics>,
 }
+
+enum Admitted {
+    Now(Bytes, broadcast::Receiver<Signal>),
+    Later(broadcast::Receiver<Signal>),
+    Refused(AttachError),
+}
+
+/// How long a resume from a position this instance does not know waits for it to
+/// arrive (a viewer may come from an instance that captured a tick earlier) before it
+/// is answered with `reset`.
+const RESUME_WAIT: Duration = Duration::from_secs(1);
 
 /// The least a session keeps of recent frames, whatever `REPLAY_BYTES` says: a viewer
 /// that is one ordinary tick behind must still find its frame.
@@ -223,30 +235,57 @@ impl Registry {
             .joined
             .get_or_init(|| self.history.join(&session, &self.broker))
             .await;
+        let position = last_event_id.map(Position::parse);
+        let deadline = Instant::now() + RESUME_WAIT;
+        loop {
+            let mut signals = match self.admit(&session, position, Instant::now() < deadline) {
+                Admitted::Now(prelude, signals) => {
+                    return Ok(Subscription::new(prelude, signals, guard));
+                }
+                Admitted::Refused(e) => return Err(e),
+                Admitted::Later(signals) => signals,
+            };
+            // Another instance may have delivered a message this one has received but
+            // not captured yet: wait for its next frames before saying `reset`.
+            let next_frame = async { while let Ok(Signal::Heartbeat) = signals.recv().await {} };
+            let _ = tokio::time::timeout_at(deadline.into(), next_frame).await;
+        }
+    }
+
+    /// The new subscriber's prelude (`retry:`, then what it missed or a `reset`) and
+    /// its place in the session's signals, under the outbox lock so that no frame
+    /// falls between the two; or, if its position is unknown here and `may_wait`, the
+    /// signals to wait on for it.
+    fn admit(
+        &self,
+        session: &Session,
+        position: Option<Option<Position>>,
+        may_wait: bool,
+    ) -> Admitted {
         let outbox = session.outbox.lock().unwrap();
         if outbox.closed {
-            return Err(if self.closing.load(Ordering::Acquire) {
+            return Admitted::Refused(if self.closing.load(Ordering::Acquire) {
                 AttachError::ShuttingDown
             } else {
                 AttachError::Ended
             });
         }
         let mut prelude = BytesMut::from(&frame::retry(self.limits.client_retry)[..]);
-        if let Some(raw) = last_event_id {
-            let last = outbox.replay.last_message();
-            let head = (last != 0).then_some(Position::after(last));
-            match Position::parse(raw).map(|position| outbox.replay.since(position)) {
-                Some(Resume::Frames(frames)) => {
-                    frames.iter().for_each(|f| prelude.extend_from_slice(f))
-                }
-                Some(Resume::Lost) | None => {
-                    prelude.extend_from_slice(&frame::reset(head, "history not available"))
-                }
+        match position.map(|p| p.map(|p| outbox.replay.since(p))) {
+            None => {}
+            Some(Some(Resume::Frames(frames))) => {
+                frames.iter().for_each(|f| prelude.extend_from_slice(f))
+            }
+            Some(Some(Resume::Lost)) if may_wait => {
+                return Admitted::Later(outbox.tx.subscribe());
+            }
+            Some(_) => {
+                let last = outbox.replay.last_message();
+                let head = (last != 0).then_some(Position::after(last));
+                prelude.extend_from_slice(&frame::reset(head, "history not available"))
             }
         }
-        let signals = outbox.tx.subscribe();
-        drop(outbox);
-        Ok(Subscription::new(prelude.freeze(), signals, guard))
+        Admitted::Now(prelude.freeze(), outbox.tx.subscribe())
     }
 
     /// Finds or creates the session and counts the caller in, under the map's lock so
@@ -368,6 +407,11 @@ impl Registry {
             let _ = outbox.tx.send(Signal::Last(goodbye.clone()));
         }
         watched
+    }
+
+    /// Whether sessions can be subscribed and joined right now.
+    pub fn broker_connected(&self) -> bool {
+        self.broker.is_connected()
     }
 
     pub fn is_closing(&self) -> bool {

@@ -231,9 +231,11 @@ impl HistoryStore {
             .arg("NUMSUB")
             .arg(chat_channel(session))
             .arg(STANDBY_CHANNEL);
-        type Counts = ((String, u64), (String, u64));
-        let (answered, len, ((_, serving), (_, standbys))): (bool, u64, Counts) =
-            self.run(&pipe).await?;
+        let (answered, len, counts): (bool, u64, Vec<(String, u64)>) = self.run(&pipe).await?;
+        let (serving, standbys) = match counts[..] {
+            [(_, serving), (_, standbys)] => (serving, standbys),
+            _ => (u64::MAX, 0),
+        };
         Ok((
             answered,
             len == 0 || (serving <= 1 && standbys <= own_standby),

@@ -11,6 +11,7 @@ mod handover;
 mod hostile;
 mod lifecycle;
 mod model;
+mod model_pair;
 mod publish_api;
 mod scale_out;
 mod startup;
