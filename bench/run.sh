@@ -2,6 +2,7 @@
 # Benchmarks chat-sync and nginx + Nchan side by side, in the same run, on loopback:
 #   bench/run.sh                 # all scenarios, 3 runs each (RUNS, DURATION, SCENARIOS to change)
 #   SCENARIOS=nginx-rooms bench/run.sh   # latency through deploy/nginx.conf, 3 instances
+#   SCENARIOS="nginx-big-room hot-room" bench/run.sh   # one big room on one instance, or spread
 # Prints one table (medians, and chat-sync/Nchan ratios) and keeps the raw JSON lines
 # in bench/results/. Each run starts a fresh server; the load generator is one
 # single-threaded process, so it uses one core and leaves the other to the server.
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-10}
-SCENARIOS=${SCENARIOS:-"big-room chat-storm many-rooms idle nginx-rooms"}
+SCENARIOS=${SCENARIOS:-"big-room chat-storm many-rooms idle nginx-rooms nginx-big-room hot-room"}
 TICK_MS=${TICK_MS:-24}
 
 missing=()
@@ -51,6 +52,11 @@ scenario_args() {
     idle)       echo "--connections 19000 --sessions 1000 --rate 0 --connect-rate 4000 --source 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4" ;;
     # What the scale-out test used to time: 200 sessions x 3 viewers through nginx.
     nginx-rooms) echo "--connections 600 --sessions 200 --rate 200 --connect-rate 2000" ;;
+    # The big room through deploy/nginx.conf in its hot-session mode (every session
+    # spread): its viewers over three instances, each subscribed to the session.
+    hot-room)   echo "--connections 5000 --sessions 1 --rate 200 --connect-rate 5000" ;;
+    # Its baseline: the same room through the same nginx, all on one instance.
+    nginx-big-room) echo "--connections 5000 --sessions 1 --rate 200 --connect-rate 5000" ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
@@ -71,7 +77,9 @@ start_chat_sync() {
 # listen port substituted), as the README deploys them. Server CPU and RSS are summed
 # over the three instances and nginx.
 start_chat_sync_nginx() {
-  local ports=() all=()
+  local ports=() all=() spread=""
+  # The documented hot-session mode with every session listed: the map's default.
+  [ "${HOT:-0}" = 1 ] && spread="s|default  chat_sync_streams;|default  chat_sync_spread;|"
   for i in 1 2 3; do
     local p; p=$(free_port); ports+=("$p")
     REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$p BIND_ADDR=127.0.0.1 TICK_MS=$TICK_MS \
@@ -83,7 +91,8 @@ start_chat_sync_nginx() {
   port=$(free_port)
   sed -e "s|listen 8080;|listen 127.0.0.1:$port;|" -e "s|chat-sync-1:8080|127.0.0.1:${ports[0]}|" \
     -e "s|chat-sync-2:8080|127.0.0.1:${ports[1]}|" -e "s|chat-sync-3:8080|127.0.0.1:${ports[2]}|" \
-    -e "s|worker_processes auto;|worker_processes 1;|" deploy/nginx.conf >"$work/deploy-nginx.conf"
+    -e "s|worker_processes auto;|worker_processes 1;|" -e "${spread:-s|^||}" \
+    deploy/nginx.conf >"$work/deploy-nginx.conf"
   /usr/sbin/nginx -p "$work" -c "$work/deploy-nginx.conf" \
     -g "daemon off; pid $work/deploy-nginx.pid; error_log $work/logs/deploy-nginx.log warn;" &
   pids+=($!)
@@ -105,6 +114,16 @@ start_nchan() {
   target_args="--target nchan --server 127.0.0.1:$port --nchan-pub 127.0.0.1:$port"
 }
 
+# A run through nginx leaves tens of thousands of loopback sockets in TIME_WAIT for a
+# minute; the next scenario's connects would then fail for want of ports (seen as
+# "connected" below the target). Wait for them to clear (at most 70 s).
+settle_ports() {
+  for _ in $(seq 70); do
+    [ "$(ss -tan state time-wait 2>/dev/null | wc -l)" -lt 2000 ] && return 0
+    sleep 1
+  done
+}
+
 stop_server() {
   for p in ${server_pids//,/ }; do kill "$p" 2>/dev/null || true; done
   for p in ${server_pids//,/ }; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done
@@ -112,8 +131,11 @@ stop_server() {
 
 for run in $(seq "$RUNS"); do
   for scenario in $SCENARIOS; do
-    targets="chat-sync nchan"; [ "$scenario" = nginx-rooms ] && targets="chat-sync-nginx"
+    targets="chat-sync nchan"; HOT=0
+    case "$scenario" in nginx-rooms | nginx-big-room) targets="chat-sync-nginx" ;; esac
+    [ "$scenario" = hot-room ] && targets="chat-sync-nginx" && HOT=1
     for target in $targets; do
+      settle_ports
       "start_${target//-/_}"
       duration=$DURATION; [ "$scenario" = idle ] && duration=3
       echo "run $run/$RUNS: $scenario on $target" >&2

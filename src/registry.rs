@@ -103,10 +103,12 @@ enum Admitted {
     Refused(AttachError),
 }
 
-/// How long a resume from a position this instance does not know waits for it to
-/// arrive (a viewer may come from an instance that captured a tick earlier) before it
-/// is answered with `reset`.
+/// How long, and for how many new frames, a resume from a position this instance
+/// does not know waits for it to arrive (a viewer may come from an instance that
+/// captured a tick earlier) before it is answered with `reset`. Both are small: an
+/// unknown position (made up, or too old) costs a replay-buffer search per look.
 const RESUME_WAIT: Duration = Duration::from_secs(1);
+const RESUME_LOOKS: u32 = 3;
 
 /// The least a session keeps of recent frames, whatever `REPLAY_BYTES` says: a viewer
 /// that is one ordinary tick behind must still find its frame.
@@ -237,8 +239,11 @@ impl Registry {
             .await;
         let position = last_event_id.map(Position::parse);
         let deadline = Instant::now() + RESUME_WAIT;
+        let mut looks = 0;
         loop {
-            let mut signals = match self.admit(&session, position, Instant::now() < deadline) {
+            looks += 1;
+            let may_wait = looks <= RESUME_LOOKS && Instant::now() < deadline;
+            let mut signals = match self.admit(&session, position, may_wait) {
                 Admitted::Now(prelude, signals) => {
                     return Ok(Subscription::new(prelude, signals, guard));
                 }
