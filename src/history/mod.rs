@@ -67,11 +67,21 @@ enum Op {
     Close(Writer),
 }
 
+/// What waits for the next write round, and the payload bytes in it.
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Op>,
+    bytes: usize,
+}
+
+/// Payload bytes waiting for Redis, over all sessions.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+
 pub struct History {
     store: Option<HistoryStore>,
     /// `HISTORY_STANDBY`: writes the history of sessions served elsewhere too.
     standby: Option<Standby>,
-    queue: Mutex<Vec<Op>>,
+    queue: Mutex<Queue>,
     /// Where each session's writes stand; only the writer task touches it.
     cursors: Mutex<HashMap<Writer, Cursor>>,
     /// Sessions whose join requests this instance answered (read during handover).
@@ -111,7 +121,7 @@ impl History {
         Ok(Self {
             store,
             standby,
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue::default()),
             cursors: Mutex::new(HashMap::new()),
             answered: Mutex::new(HashSet::new()),
             subscribing: Mutex::new(HashSet::new()),
@@ -126,7 +136,7 @@ impl History {
         Self {
             store: None,
             standby: None,
-            queue: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue::default()),
             cursors: Mutex::new(HashMap::new()),
             answered: Mutex::new(HashSet::new()),
             subscribing: Mutex::new(HashSet::new()),
@@ -162,13 +172,28 @@ impl History {
     }
 
     /// What the tick loop captured for `session`, in order. Never waits.
+    /// While Redis is slow, what waits for it is bounded (`MAX_QUEUED_BYTES`): beyond,
+    /// the history gets a gap instead of the messages.
     pub fn record(&self, session: Uuid, items: Vec<Item>) {
-        if self.enabled() && !items.is_empty() {
-            self.queue
-                .lock()
-                .unwrap()
-                .push(Op::Items(Writer::served(session), items));
+        if !self.enabled() || items.is_empty() {
+            return;
         }
+        let bytes: usize = items
+            .iter()
+            .map(|i| match i {
+                Item::Message(_, payload) => payload.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut queue = self.queue.lock().unwrap();
+        let items = if queue.bytes + bytes > MAX_QUEUED_BYTES {
+            self.metrics.history_write_errors.inc();
+            vec![Item::Gap]
+        } else {
+            queue.bytes += bytes;
+            items
+        };
+        queue.ops.push(Op::Items(Writer::served(session), items));
     }
 
     /// `session` was freed on this instance.
@@ -177,6 +202,7 @@ impl History {
             self.queue
                 .lock()
                 .unwrap()
+                .ops
                 .push(Op::Close(Writer::served(session)));
         }
     }
@@ -186,6 +212,7 @@ impl History {
             self.queue
                 .lock()
                 .unwrap()
+                .ops
                 .push(Op::Start(Writer::served(session), cursor));
         }
     }
@@ -274,7 +301,7 @@ impl History {
     /// history marks where it may have missed something.
     async fn write_round(&self) {
         let Some(store) = &self.store else { return };
-        let mut ops = std::mem::take(&mut *self.queue.lock().unwrap());
+        let mut ops = std::mem::take(&mut *self.queue.lock().unwrap()).ops;
         if let Some(standby) = &self.standby {
             let (runs, gone) = standby.drain();
             ops.extend(
@@ -338,5 +365,32 @@ impl History {
         for writer in closed {
             cursors.remove(&writer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn what_waits_for_redis_is_bounded_and_marked_as_a_gap() {
+        // A store that is never reached: the queue is all there is.
+        let config =
+            Config::from_lookup(|k| (k == "REDIS_URL").then(|| "redis://127.0.0.1:1".into()))
+                .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let sessions = Arc::new(Sessions::new(1 << 20, 1 << 30, metrics.clone()));
+        let history = History::new(&config, sessions, metrics).unwrap();
+        let session = Uuid::new_v4();
+        let big = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+        for i in 0..100 {
+            history.record(session, vec![Item::Message(i + 1, big.clone())]);
+        }
+        let queue = history.queue.lock().unwrap();
+        assert!(queue.bytes <= MAX_QUEUED_BYTES);
+        assert!(matches!(
+            queue.ops.last(),
+            Some(Op::Items(_, items)) if matches!(items[..], [Item::Gap])
+        ));
     }
 }
