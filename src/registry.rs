@@ -97,18 +97,15 @@ pub struct Registry {
     pub metrics: Arc<Metrics>,
 }
 
+/// How long a resume from a position not known here waits for it before the shared
+/// history is asked whether it exists.
+const RESUME_GRACE: Duration = Duration::from_millis(250);
+
 enum Admitted {
     Now(Bytes, broadcast::Receiver<Signal>),
     Later(broadcast::Receiver<Signal>),
     Refused(AttachError),
 }
-
-/// How long, and for how many new frames, a resume from a position this instance
-/// does not know waits for it to arrive (a viewer may come from an instance that
-/// captured a tick earlier) before it is answered with `reset`. Both are small: an
-/// unknown position (made up, or too old) costs a replay-buffer search per look.
-const RESUME_WAIT: Duration = Duration::from_secs(1);
-const RESUME_LOOKS: u32 = 3;
 
 /// The least a session keeps of recent frames, whatever `REPLAY_BYTES` says: a viewer
 /// that is one ordinary tick behind must still find its frame.
@@ -238,11 +235,14 @@ impl Registry {
             .get_or_init(|| self.history.join(&session, &self.broker))
             .await;
         let position = last_event_id.map(Position::parse);
-        let deadline = Instant::now() + RESUME_WAIT;
-        let mut looks = 0;
+        // A position not captured here yet may come from an instance a tick ahead:
+        // wait for the next frames a little, then as long as the shared history says
+        // the message exists. A made-up or forgotten one gets `reset` after the grace.
+        let start = Instant::now();
+        let mut until = start + RESUME_GRACE;
+        let mut asked = false;
         loop {
-            looks += 1;
-            let may_wait = looks <= RESUME_LOOKS && Instant::now() < deadline;
+            let may_wait = !asked || Instant::now() < until;
             let mut signals = match self.admit(&session, position, may_wait) {
                 Admitted::Now(prelude, signals) => {
                     return Ok(Subscription::new(prelude, signals, guard));
@@ -250,10 +250,19 @@ impl Registry {
                 Admitted::Refused(e) => return Err(e),
                 Admitted::Later(signals) => signals,
             };
-            // Another instance may have delivered a message this one has received but
-            // not captured yet: wait for its next frames before saying `reset`.
+            if !asked && Instant::now() >= until {
+                asked = true;
+                let known = match position {
+                    Some(Some(p)) => self.history.knows(id, p.after).await,
+                    _ => false,
+                };
+                if !known {
+                    continue;
+                }
+                until = start + self.history.handover_wait;
+            }
             let next_frame = async { while let Ok(Signal::Heartbeat) = signals.recv().await {} };
-            let _ = tokio::time::timeout_at(deadline.into(), next_frame).await;
+            let _ = tokio::time::timeout_at(until.into(), next_frame).await;
         }
     }
 

@@ -151,6 +151,15 @@ impl History {
         self.store.is_some()
     }
 
+    /// Whether the session's shared history holds this message (false without a
+    /// history, or when Redis does not answer).
+    pub async fn knows(&self, session: Uuid, fingerprint: u64) -> bool {
+        match &self.store {
+            Some(store) => store.knows(session, fingerprint).await.unwrap_or(false),
+            None => false,
+        }
+    }
+
     /// Whether this instance listens to every session for the history.
     pub fn is_standby(&self) -> bool {
         self.standby.is_some()

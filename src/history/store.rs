@@ -213,33 +213,39 @@ impl HistoryStore {
     }
 
     /// Whether the join request `ask` was answered yet, and whether waiting longer
-    /// is pointless: the history is empty, or no other instance is subscribed to the
-    /// session to answer (neither serving it nor as a history standby).
+    /// is pointless: no other instance is subscribed to the session to answer (neither
+    /// serving it nor as a history standby). An empty history is no reason to stop
+    /// waiting: an instance serving the session may not have written its last tick.
     pub async fn poll(
         &self,
         session: Uuid,
         ask: u64,
         own_standby: u64,
     ) -> redis::RedisResult<(bool, bool)> {
-        let [list, _, meta] = keys(session);
+        let [_, _, meta] = keys(session);
         let mut pipe = redis::pipe();
         pipe.cmd("HEXISTS")
             .arg(&meta)
             .arg(format!("ask:{}", hex(ask)));
-        pipe.cmd("LLEN").arg(&list);
         pipe.cmd("PUBSUB")
             .arg("NUMSUB")
             .arg(chat_channel(session))
             .arg(STANDBY_CHANNEL);
-        let (answered, len, counts): (bool, u64, Vec<(String, u64)>) = self.run(&pipe).await?;
+        let (answered, counts): (bool, Vec<(String, u64)>) = self.run(&pipe).await?;
         let (serving, standbys) = match counts[..] {
             [(_, serving), (_, standbys)] => (serving, standbys),
             _ => (u64::MAX, 0),
         };
-        Ok((
-            answered,
-            len == 0 || (serving <= 1 && standbys <= own_standby),
-        ))
+        Ok((answered, serving <= 1 && standbys <= own_standby))
+    }
+
+    /// Whether the history holds the message named `fingerprint`.
+    pub async fn knows(&self, session: Uuid, fingerprint: u64) -> redis::RedisResult<bool> {
+        let [_, index, _] = keys(session);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HEXISTS").arg(index).arg(hex(fingerprint));
+        let (known,): (bool,) = self.run(&pipe).await?;
+        Ok(known)
     }
 
     /// The whole history, and where `ask` fell if it was answered.
