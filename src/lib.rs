@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod frame;
 pub mod history;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod position;

@@ -5,6 +5,7 @@
 //! one or a dead one resumes exactly, or gets `reset` exactly where something could be
 //! missing. Without Redis (one instance) there is no history and nothing to join.
 
+mod handover;
 mod join;
 mod standby;
 mod store;
@@ -12,13 +13,13 @@ mod store;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::BrokerEvent;
-use crate::broker::{Broker, JOIN_CHANNEL, chat_channel};
+use crate::broker::JOIN_CHANNEL;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::Sessions;
@@ -28,11 +29,6 @@ pub use store::{Cursor, Item};
 
 /// How long a session's history outlives its last write.
 const TTL: Duration = Duration::from_secs(30 * 60);
-/// How often a stopping instance looks whether its sessions were taken over.
-const HANDOVER_POLL: Duration = Duration::from_millis(100);
-/// Another instance subscribed (without announcing a new subscription) this long was
-/// already serving the session; the wait covers an announcement still on its way.
-const SHARED_FOR: Duration = Duration::from_secs(1);
 
 /// Who writes a session's history here: the session served on this instance, or the
 /// standby watching it; each has its own view, hence its own cursor.
@@ -229,63 +225,6 @@ impl History {
     /// Takes the sessions whose join requests were answered since the last call.
     fn take_answered(&self) -> HashSet<Uuid> {
         std::mem::take(&mut self.answered.lock().unwrap())
-    }
-
-    /// The instance starts stopping: only join requests answered from now on mean
-    /// that a session was taken over (earlier ones, a joiner's own included, do not).
-    pub fn stopping(&self) {
-        self.take_answered();
-        self.stopping.store(true, Ordering::Release);
-    }
-
-    /// A stopping instance keeps its subscriptions, its writes and its answers to join
-    /// requests until each session that had viewers was taken over by another
-    /// instance (it answered that instance's join request, or another instance
-    /// already served it: subscribed without having announced a new subscription),
-    /// or until `limit`: a viewer that moves on then resumes exactly.
-    pub async fn handover(&self, broker: &Broker, sessions: Vec<Uuid>, limit: Duration) {
-        if !self.enabled() || sessions.is_empty() {
-            return;
-        }
-        let started = Instant::now();
-        let mut left: HashMap<Uuid, Option<Instant>> =
-            sessions.into_iter().map(|s| (s, None)).collect();
-        let total = left.len();
-        while !left.is_empty() && started.elapsed() < limit {
-            tokio::time::sleep(HANDOVER_POLL).await;
-            for session in self.take_answered() {
-                left.remove(&session);
-            }
-            let ids: Vec<Uuid> = left.keys().copied().collect();
-            let mut channels: Vec<String> = ids.iter().map(|s| chat_channel(*s)).collect();
-            channels.push(JOIN_CHANNEL.into());
-            let Ok(mut counts) = broker.subscriber_counts(&channels).await else {
-                continue;
-            };
-            if counts.pop().unwrap_or(0) <= 1 {
-                // No other instance is listening: nobody can take over.
-                break;
-            }
-            let now = Instant::now();
-            let subscribing = self.subscribing.lock().unwrap().clone();
-            for (id, n) in ids.into_iter().zip(counts) {
-                let shared = left.get_mut(&id).expect("listed");
-                match (n >= 2 && !subscribing.contains(&id), *shared) {
-                    (false, _) => *shared = None,
-                    (true, None) => *shared = Some(now),
-                    (true, Some(since)) if now.duration_since(since) >= SHARED_FOR => {
-                        left.remove(&id);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        tracing::info!(
-            sessions = total,
-            not_taken_over = left.len(),
-            took = ?started.elapsed(),
-            "history handover done"
-        );
     }
 
     /// Writes what was recorded every `tick` until cancelled, then once more.
