@@ -89,6 +89,31 @@ async fn open_browsers(fleet: &Fleet, rooms: &[Uuid], per_session: usize) -> Vec
     browsers
 }
 
+/// The fleet with `vars`, `SESSIONS` sessions of `VIEWERS_PER_SESSION` browsers each,
+/// and a tenant publishing 150 msg/s; returns once every browser got a message (one
+/// that got nothing yet has no id to resume from: it would start afresh).
+async fn chat_going(vars: &[(&str, &str)]) -> (Fleet, Vec<Uuid>, Vec<(usize, Browser)>, Publisher) {
+    let fleet = Fleet::start(&deploy_config(), vars).await;
+    let rooms: Vec<Uuid> = (0..SESSIONS).map(|_| Uuid::new_v4()).collect();
+    let browsers = open_browsers(&fleet, &rooms, VIEWERS_PER_SESSION).await;
+    let publisher = Publisher::start(fleet.redis.url(), rooms.clone(), 150);
+    wait_until("the chat is going", || async {
+        browsers.iter().all(|(_, b)| b.latest().is_some())
+    })
+    .await;
+    (fleet, rooms, browsers, publisher)
+}
+
+/// Waits until every browser is connected again and a further second of the chat
+/// (150 messages after `before`) went out.
+async fn back_and_chatting(fleet: &Fleet, publisher: &Publisher, before: u64) {
+    wait_until("the browsers are back and the chat goes on", || async {
+        fleet.connections().await == (SESSIONS * VIEWERS_PER_SESSION) as f64
+            && publisher.sent.load(std::sync::atomic::Ordering::Relaxed) > before + 150
+    })
+    .await;
+}
+
 /// Stops publishing, waits until every browser got its session's last message, and
 /// returns what each saw with the number published to its session.
 async fn finish(
@@ -142,24 +167,12 @@ async fn billed_exactly(fleet: &Fleet, rooms: &[Uuid], expected: impl Fn(usize) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_loses_and_repeats_nothing() {
-    let mut fleet = Fleet::start(&deploy_config(), &fleet_vars()).await;
-    let rooms: Vec<Uuid> = (0..SESSIONS).map(|_| Uuid::new_v4()).collect();
-    let browsers = open_browsers(&fleet, &rooms, VIEWERS_PER_SESSION).await;
-    let publisher = Publisher::start(fleet.redis.url(), rooms.clone(), 150);
-    // A browser that got nothing yet has no id to resume from (it starts afresh).
-    wait_until("the chat is going", || async {
-        browsers.iter().all(|(_, b)| b.latest().is_some())
-    })
-    .await;
+    let (mut fleet, rooms, browsers, publisher) = chat_going(&fleet_vars()).await;
     for i in 0..3 {
         let before = publisher.sent.load(std::sync::atomic::Ordering::Relaxed);
         fleet.restart(i).await;
-        // Back before the next goes: every browser reconnected, and the chat went on.
-        wait_until("the browsers are back and the chat goes on", || async {
-            fleet.connections().await == (SESSIONS * VIEWERS_PER_SESSION) as f64
-                && publisher.sent.load(std::sync::atomic::Ordering::Relaxed) > before + 150
-        })
-        .await;
+        // Back before the next goes.
+        back_and_chatting(&fleet, &publisher, before).await;
     }
     let (counts, seen) = finish(publisher, browsers).await;
     let mut moved = 0;
@@ -186,21 +199,10 @@ async fn kill_one(standby: bool) -> Vec<(bool, usize, Vec<Seen>)> {
     if standby {
         vars.push(("HISTORY_STANDBY", "true"));
     }
-    let mut fleet = Fleet::start(&deploy_config(), &vars).await;
-    let rooms: Vec<Uuid> = (0..SESSIONS).map(|_| Uuid::new_v4()).collect();
-    let browsers = open_browsers(&fleet, &rooms, VIEWERS_PER_SESSION).await;
-    let publisher = Publisher::start(fleet.redis.url(), rooms.clone(), 150);
-    wait_until("the chat is going", || async {
-        browsers.iter().all(|(_, b)| b.latest().is_some())
-    })
-    .await;
+    let (mut fleet, rooms, browsers, publisher) = chat_going(&vars).await;
     fleet.kill_and_restart(1).await;
     let before = publisher.sent.load(std::sync::atomic::Ordering::Relaxed);
-    wait_until("the browsers are back and the chat goes on", || async {
-        fleet.connections().await == (SESSIONS * VIEWERS_PER_SESSION) as f64
-            && publisher.sent.load(std::sync::atomic::Ordering::Relaxed) > before + 150
-    })
-    .await;
+    back_and_chatting(&fleet, &publisher, before).await;
     let (counts, seen) = finish(publisher, browsers).await;
     let killed_rooms: std::collections::HashSet<usize> = seen
         .iter()
