@@ -22,6 +22,7 @@ use crate::net::StreamListener;
 use crate::registry::{Limits, Registry};
 use crate::server::{self, Pending};
 use crate::session::Sessions;
+use crate::topology::Redis;
 
 /// Listen backlog: large, so that thousands of viewers reconnecting at once after a
 /// restart are queued rather than refused (the kernel caps it at `somaxconn`).
@@ -50,9 +51,19 @@ impl Application {
             config.inbox_bytes,
             metrics.clone(),
         ));
+        let redis = config
+            .redis
+            .clone()
+            .map(|topology| Redis::start(topology, &tasks, background.clone()));
         let history = Arc::new(
-            History::new(&config, sessions.clone(), metrics.clone())
-                .context("cannot set up the shared history")?,
+            History::new(
+                &config,
+                redis.as_ref(),
+                &tasks,
+                sessions.clone(),
+                metrics.clone(),
+            )
+            .context("cannot set up the shared history")?,
         );
         let sink: Sink = {
             let (sessions, history) = (sessions.clone(), history.clone());
@@ -61,10 +72,10 @@ impl Application {
                 sessions.on_broker_event(event);
             })
         };
-        let broker = match &config.redis {
+        let broker = match &redis {
             None => Broker::memory(sink),
-            Some(info) => Broker::redis(
-                info.clone(),
+            Some(redis) => Broker::redis(
+                redis,
                 sink,
                 history.is_standby(),
                 &tasks,
@@ -81,7 +92,8 @@ impl Application {
         ));
         let owner = format!("{}-{:016x}", config.instance_id, registry.boot);
         let billing = Arc::new(
-            Billing::new(&config, owner, metrics.clone()).context("cannot set up billing")?,
+            Billing::new(&config, redis.as_ref(), &tasks, owner, metrics.clone())
+                .context("cannot set up billing")?,
         );
         let ticker = Ticker {
             registry: registry.clone(),

@@ -6,9 +6,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo};
-
 use crate::position;
+use crate::topology::{self, Topology};
 
 /// Why the configuration was refused. Every variant names the variable.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +39,7 @@ pub struct Config {
     /// HTTP port; 0 lets the OS choose (tests).
     pub port: u16,
     /// Redis to subscribe to; `None` runs the in-process broker (single instance).
-    pub redis: Option<ConnectionInfo>,
+    pub redis: Option<Topology>,
     /// Where usage is POSTed; `None` counts usage without sending it.
     pub tenant_base_url: Option<String>,
     /// How often queues are captured and fanned out.
@@ -117,7 +116,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("bind", &self.bind)
             .field("port", &self.port)
-            .field("redis", &self.redis.as_ref().map(|r| r.addr().to_string()))
+            .field("redis", &self.redis.as_ref().map(Topology::describe))
             .field("tenant_base_url", &self.tenant_base_url)
             .field("tick", &self.tick)
             .field(
@@ -145,7 +144,7 @@ impl Config {
         let config = Self {
             bind: env.parse("BIND_ADDR", "0.0.0.0".parse().unwrap(), "an IP address")?,
             port: env.parse("PORT", 8080, "a TCP port from 0 to 65535")?,
-            redis: redis_target(&env)?,
+            redis: topology::from_env(&env)?,
             tenant_base_url: env.url("TENANT_BASE_URL")?,
             tick: env.millis("TICK_MS", 24, 1..=60_000)?,
             publish_token: env.string("PUBLISH_TOKEN"),
@@ -200,6 +199,14 @@ impl Config {
                 ),
             });
         }
+        if config.history_standby && config.redis.as_ref().is_some_and(Topology::sharded) {
+            return Err(ConfigError::Rejected {
+                var: "HISTORY_STANDBY",
+                reason: "a standby listens to every session by pattern, which sharded pub/sub \
+                         (REDIS_SHARDED_PUBSUB) does not have"
+                    .into(),
+            });
+        }
         if config.inbox_bytes < config.max_message_bytes {
             return Err(ConfigError::Rejected {
                 var: "INBOX_BYTES",
@@ -211,45 +218,6 @@ impl Config {
         }
         Ok(config)
     }
-}
-
-/// `REDIS_URL` wins; otherwise the original's `REDIS_IP`/`REDIS_PORT`/`REDIS_PASSWORD`;
-/// neither means the in-process broker.
-fn redis_target(env: &Env<'_>) -> Result<Option<ConnectionInfo>, ConfigError> {
-    let port: u16 = env.parse("REDIS_PORT", 6379, "a TCP port from 1 to 65535")?;
-    if port == 0 {
-        return Err(ConfigError::Invalid {
-            var: "REDIS_PORT",
-            value: "0".into(),
-            expected: "a TCP port from 1 to 65535",
-        });
-    }
-    let password = env.string("REDIS_PASSWORD");
-    if let Some(url) = env.string("REDIS_URL") {
-        let info = url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| ConfigError::Rejected {
-                var: "REDIS_URL",
-                reason: format!("not a redis:// URL ({})", e.category()),
-            })?;
-        return Ok(Some(info));
-    }
-    let Some(host) = env.string("REDIS_IP") else {
-        return Ok(None);
-    };
-    let mut settings = RedisConnectionInfo::default();
-    if let Some(password) = password {
-        settings = settings.set_password(password);
-    }
-    let info = ConnectionAddr::Tcp(host, port)
-        .into_connection_info()
-        .map_err(|e| ConfigError::Rejected {
-            var: "REDIS_IP",
-            reason: e.to_string(),
-        })?
-        .set_redis_settings(settings);
-    Ok(Some(info))
 }
 
 /// `TRUSTED_PROXIES`: addresses or CIDR ranges, comma-separated; loopback by default
@@ -312,15 +280,15 @@ fn default_instance_id() -> String {
 }
 
 /// A variable source with the parsing rules shared by every variable.
-struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+pub(crate) struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
 
 impl Env<'_> {
     /// An unset or blank variable is absent (a `.env` line `X=` means "use the default").
-    fn string(&self, var: &str) -> Option<String> {
+    pub(crate) fn string(&self, var: &str) -> Option<String> {
         (self.0)(var).filter(|v| !v.trim().is_empty())
     }
 
-    fn parse<T: std::str::FromStr>(
+    pub(crate) fn parse<T: std::str::FromStr>(
         &self,
         var: &'static str,
         default: T,
@@ -436,7 +404,9 @@ mod tests {
             ("REDIS_PASSWORD", "s3cret"),
         ])
         .unwrap();
-        let info = c.redis.clone().unwrap();
+        let Some(Topology::Single(info)) = c.redis.clone() else {
+            panic!("one server expected");
+        };
         assert_eq!(info.addr().to_string(), "10.0.0.5:6380");
         assert!(!format!("{c:?}").contains("s3cret"));
     }

@@ -138,7 +138,11 @@ impl Ticker {
                 &messages[start..at],
                 &fingerprints[start..at],
             );
+            outbox.after_reset &= at == start;
             start = at;
+            if outbox.after_reset {
+                continue;
+            }
             // Redis pub/sub keeps nothing while disconnected: say so, in order, and keep
             // the notice in the replay buffer for clients resuming across the gap.
             let last = outbox.replay.last_message();
@@ -149,6 +153,7 @@ impl Ticker {
             let notice = frame::reset(id, "broker reconnected; messages may be lost");
             let seq = outbox.replay.push_notice(notice);
             let _ = outbox.tx.send(Signal::Frame(seq));
+            outbox.after_reset = true;
         }
         self.send_batch(
             session,
@@ -156,6 +161,7 @@ impl Ticker {
             &messages[start..],
             &fingerprints[start..],
         );
+        outbox.after_reset &= messages.len() == start;
         if !messages.is_empty() {
             self.usage.captured(session.id, &messages);
         }

@@ -28,6 +28,7 @@ pub mod session;
 pub mod sse;
 pub mod subscription;
 pub mod telemetry;
+pub mod topology;
 
 pub use app::Application;
 pub use config::Config;

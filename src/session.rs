@@ -11,7 +11,7 @@ use dashmap::DashMap;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::broker::{BrokerEvent, END_SUFFIX, JOIN_CHANNEL, SubscribeAck};
+use crate::broker::{BrokerEvent, END_SUFFIX, SubscribeAck, is_join_channel};
 use crate::metrics::Metrics;
 use crate::position::Fingerprinter;
 use crate::replay::ReplayBuffer;
@@ -76,6 +76,9 @@ pub struct Outbox {
     pub closed: bool,
     /// Names the messages as every other instance does.
     pub fingerprints: Fingerprinter,
+    /// The last frame sent was a `reset`: another one before a message would say
+    /// nothing new (a broker outage is often reported more than once).
+    pub after_reset: bool,
 }
 
 impl Outbox {
@@ -87,6 +90,7 @@ impl Outbox {
             last_sent: Instant::now(),
             closed: false,
             fingerprints: Fingerprinter::default(),
+            after_reset: false,
         }
     }
 }
@@ -174,11 +178,20 @@ impl Sessions {
                     session.inbox.lock().unwrap().mark_gap();
                 }
             }
+            BrokerEvent::Restored { channel } => {
+                self.metrics.broker_disconnects.inc();
+                if let Some(session) = Uuid::try_parse_ascii(channel)
+                    .ok()
+                    .and_then(|id| self.map.get(&id).map(|s| s.clone()))
+                {
+                    session.inbox.lock().unwrap().mark_gap();
+                }
+            }
         }
     }
 
     fn on_message(&self, channel: &[u8], payload: Bytes) {
-        if channel == JOIN_CHANNEL.as_bytes() {
+        if is_join_channel(channel) {
             self.on_join_request(&payload);
             return;
         }

@@ -24,11 +24,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::config::Config;
 use crate::fanout::Usage;
 use crate::metrics::{Metrics, Outcome};
+use crate::topology::Redis;
 use ledger::{Ledger, Report};
 use store::UsageStore;
 
@@ -79,14 +81,16 @@ pub struct Billing {
 impl Billing {
     pub fn new(
         config: &Config,
+        redis: Option<&Redis>,
+        tasks: &TaskTracker,
         owner: String,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BillingError> {
         let flush = config.billing_flush;
         // Outlives a report in flight and a few missed refreshes.
         let alive_ttl = flush * 3 + config.billing_timeout + Duration::from_secs(2);
-        let store = match &config.redis {
-            Some(info) => UsageStore::redis(info.clone(), owner.clone(), alive_ttl)?,
+        let store = match redis {
+            Some(redis) => UsageStore::redis(redis, tasks, owner.clone(), alive_ttl)?,
             None => UsageStore::local(),
         };
         Ok(Self {

@@ -2,17 +2,28 @@
 //! so that each message is billed once however many instances received it, and
 //! usage that one instance counted is billed even if that instance dies.
 //!
-//! Per session (keys share the session's hash tag, so one slot holds them):
+//! Per session (keys share the session's hash tag, so one slot holds them, on a
+//! Cluster too):
 //! - `seen`: the fingerprints counted in the last window (a sorted set by time);
 //!   counting a fingerprint that is already there adds nothing.
 //! - `usage`: a hash with `pending` (counted, not yet reported) and one
 //!   `inflight:<owner>` per instance with a report in flight.
 //!
 //! Reporting takes `pending` into the taker's `inflight` field; the tenant's answer
-//! either settles it (dropped) or gives it back to `pending`. An instance whose
-//! liveness key has expired (it died mid-report) has its in-flight count given back by
-//! the next taker. Sessions with anything unsettled are listed in one set, so that any
-//! instance can settle usage left by an instance that is gone.
+//! either settles it (dropped) or gives it back to `pending`. Instances note their
+//! liveness in one hash (`alive`: owner → deadline); an in-flight count whose owner's
+//! deadline has passed (it died mid-report) is given back by the next taker.
+//!
+//! Sessions with anything unsettled are listed in one set, so that any instance can
+//! settle usage left by an instance that is gone. Scripts touch only one session's
+//! keys (on a Cluster that set lives in another slot), so the set is kept by separate
+//! commands, in an order that never leaves unsettled usage unlisted: a counter adds
+//! the session before and after counting, and whoever finds a session settled
+//! removes it, then looks again and adds it back if usage appeared meanwhile.
+//!
+//! Under Sentinel or on a Cluster, each write waits (`WAIT`) until a replica has it
+//! before anything acts on it, so that a failover keeps every count: a report is
+//! never sent for a take the new master would not know.
 //!
 //! Without Redis (one instance), the same operations run on a map in memory.
 
@@ -20,36 +31,54 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::{ConnectionInfo, Pipeline};
+use redis::{Pipeline, Value};
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::topology::{Link, LinkOptions, Redis, Topology, within};
+
 /// Counts the fingerprints not seen in the window; returns how many were new.
-/// KEYS: seen, usage, unsettled. ARGV: window ms, session, fingerprints...
+/// KEYS: seen, usage. ARGV: window ms, fingerprints...
 const ACCOUNT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local added = 0
-for i = 3, #ARGV do
+for i = 2, #ARGV do
   added = added + redis.call('ZADD', KEYS[1], 'NX', now, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], window)
-if added > 0 then
-  redis.call('HINCRBY', KEYS[2], 'pending', added)
-  redis.call('SADD', KEYS[3], ARGV[2])
-end
+if added > 0 then redis.call('HINCRBY', KEYS[2], 'pending', added) end
 return added";
 
-/// Gives dead owners' in-flight counts back, then moves `pending` (and any count of
-/// ours still in flight) into our in-flight field; returns it. Forgets a settled
-/// session. KEYS: usage, unsettled. ARGV: owner, session, liveness key prefix.
+/// Notes our liveness (deadline now + ttl), forgets owners past theirs, and returns
+/// the owners alive. KEYS: alive. ARGV: owner, ttl ms (0: only read).
+const ALIVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(ARGV[2]) > 0 then redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2])) end
+local fields = redis.call('HGETALL', KEYS[1])
+local alive = {}
+for i = 1, #fields, 2 do
+  if tonumber(fields[i + 1]) < now then
+    redis.call('HDEL', KEYS[1], fields[i])
+  else
+    alive[#alive + 1] = fields[i]
+  end
+end
+return alive";
+
+/// Gives in-flight counts of owners not alive back, then moves `pending` (and any
+/// count of ours still in flight) into our in-flight field. Returns {taken, settled}:
+/// settled (1) when nothing is left at all. KEYS: usage. ARGV: owner, owners alive...
 const TAKE: &str = r"
+local alive = {}
+for i = 2, #ARGV do alive[ARGV[i]] = true end
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
   local owner = string.match(fields[i], '^inflight:(.*)$')
-  if owner and owner ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. owner) == 0 then
+  if owner and owner ~= ARGV[1] and not alive[owner] then
     redis.call('HINCRBY', KEYS[1], 'pending', fields[i + 1])
     redis.call('HDEL', KEYS[1], fields[i])
   end
@@ -59,29 +88,32 @@ local n = tonumber(redis.call('HGET', KEYS[1], 'pending') or '0')
   + tonumber(redis.call('HGET', KEYS[1], mine) or '0')
 if n > 0 then
   redis.call('HSET', KEYS[1], 'pending', 0, mine, n)
-elseif redis.call('HLEN', KEYS[1]) <= 1 then
-  redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], ARGV[2])
+  return {n, 0}
 end
-return n";
+if redis.call('HLEN', KEYS[1]) <= 1 then
+  redis.call('DEL', KEYS[1])
+  return {0, 1}
+end
+return {0, 0}";
 
-/// Our report was answered for good: drop our in-flight count. ARGV as for TAKE.
+/// Our report was answered for good: drop our in-flight count. Returns {0, settled}.
+/// KEYS: usage. ARGV: owner.
 const SETTLE: &str = r"
 redis.call('HDEL', KEYS[1], 'inflight:' .. ARGV[1])
 if tonumber(redis.call('HGET', KEYS[1], 'pending') or '0') == 0
     and redis.call('HLEN', KEYS[1]) <= 1 then
   redis.call('DEL', KEYS[1])
-  redis.call('SREM', KEYS[2], ARGV[2])
+  return {0, 1}
 end
-return 1";
+return {0, 0}";
 
-/// Our report failed: give our in-flight count back to `pending`.
+/// Our report failed: give our in-flight count back to `pending`. Returns {n, 0}.
 const GIVE_BACK: &str = r"
 local mine = 'inflight:' .. ARGV[1]
 local n = tonumber(redis.call('HGET', KEYS[1], mine) or '0')
 redis.call('HDEL', KEYS[1], mine)
 if n > 0 then redis.call('HINCRBY', KEYS[1], 'pending', n) end
-return n";
+return {n, 0}";
 
 /// Sessions with unsettled usage looked at per round, besides this instance's own.
 const SWEEP: usize = 32;
@@ -89,7 +121,10 @@ const UNSETTLED_KEY: &str = "chat-sync:billing:unsettled";
 /// Set by the first instance to use a Redis; gone after a Redis restart that lost the
 /// store (no persistence), which instances notice and report.
 const EPOCH_KEY: &str = "chat-sync:billing:epoch";
-const ALIVE_PREFIX: &str = "chat-sync:billing:alive:";
+const ALIVE_KEY: &str = "chat-sync:billing:alive";
+/// How long a write waits for a replica (under Sentinel or on a Cluster); a replica
+/// that is down costs this per round, and exactness across a failover meanwhile.
+const REPLICA_WAIT_MS: u64 = 1_000;
 
 fn seen_key(session: Uuid) -> String {
     format!("chat-sync:billing:{{{session}}}:seen")
@@ -103,7 +138,7 @@ pub enum UsageStore {
     /// Single instance (in-process broker): pending and in-flight counts per session.
     Local(Mutex<HashMap<Uuid, (u64, u64)>>),
     Redis {
-        conn: ConnectionManager,
+        conn: Link,
         /// Unique per process, so a restarted instance never mistakes an old
         /// in-flight count for its own.
         owner: String,
@@ -111,6 +146,8 @@ pub enum UsageStore {
         alive_ttl: Duration,
         /// The store's epoch as last seen; a different one means it lost its state.
         epoch: Mutex<Option<String>>,
+        /// Writes wait for a replica (under Sentinel or on a Cluster).
+        replicated: bool,
     },
 }
 
@@ -129,21 +166,26 @@ impl UsageStore {
     }
 
     pub fn redis(
-        info: ConnectionInfo,
+        redis: &Redis,
+        tasks: &TaskTracker,
         owner: String,
         alive_ttl: Duration,
     ) -> redis::RedisResult<Self> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(usize::MAX)
-            .set_max_delay(Duration::from_secs(1))
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)));
-        let conn = ConnectionManager::new_lazy_with_config(redis::Client::open(info)?, config)?;
+        let conn = redis.link(
+            LinkOptions {
+                push: None,
+                response_timeout: Some(
+                    Duration::from_secs(2) + Duration::from_millis(REPLICA_WAIT_MS),
+                ),
+            },
+            tasks,
+        )?;
         Ok(Self::Redis {
             conn,
             owner,
             alive_ttl,
             epoch: Mutex::new(None),
+            replicated: !matches!(redis.topology(), Topology::Single(_)),
         })
     }
 
@@ -154,7 +196,7 @@ impl UsageStore {
         batches: &[(Uuid, Vec<u64>)],
         window: Duration,
     ) -> redis::RedisResult<Accounted> {
-        let (conn, owner, alive_ttl, epoch) = match self {
+        let (conn, owner, alive_ttl, epoch, replicated) = match self {
             Self::Local(map) => {
                 let mut map = map.lock().unwrap();
                 let added = batches
@@ -174,43 +216,60 @@ impl UsageStore {
                 owner,
                 alive_ttl,
                 epoch,
-            } => (conn, owner, alive_ttl, epoch),
+                replicated,
+            } => (conn, owner, alive_ttl, epoch, *replicated),
         };
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
+        let sessions: Vec<Uuid> = batches.iter().map(|(s, _)| *s).collect();
+        let mut epoch_pipe = redis::pipe();
+        epoch_pipe
+            .cmd("SET")
             .arg(EPOCH_KEY)
             .arg(format!("{owner}-{:x}", rand_suffix()))
             .arg("NX")
             .ignore();
-        pipe.cmd("GET").arg(EPOCH_KEY);
-        pipe.cmd("SET")
-            .arg(format!("{ALIVE_PREFIX}{owner}"))
-            .arg(1)
-            .arg("PX")
-            .arg(alive_ttl.as_millis() as u64)
-            .ignore();
-        for (session, fps) in batches {
-            let mut args = vec![window.as_millis().to_string(), session.to_string()];
-            args.extend(fps.iter().map(|fp| format!("{fp:016x}")));
-            eval(
-                &mut pipe,
-                ACCOUNT,
-                &[
-                    seen_key(*session),
-                    usage_key(*session),
-                    UNSETTLED_KEY.into(),
-                ],
-                &args,
-            );
-        }
-        let (current, added): (String, Vec<u64>) = {
-            let mut values: Vec<redis::Value> = run(conn, &pipe).await?;
-            let current = redis::from_redis_value(values.remove(0))?;
-            (
-                current,
-                redis::from_redis_value(redis::Value::Array(values))?,
-            )
-        };
+        epoch_pipe.cmd("GET").arg(EPOCH_KEY);
+        let mut alive_pipe = redis::pipe();
+        eval(
+            &mut alive_pipe,
+            ALIVE,
+            &[ALIVE_KEY.into()],
+            &[owner.clone(), alive_ttl.as_millis().to_string()],
+        );
+        alive_pipe.ignore();
+        let mut pipes = vec![epoch_pipe, alive_pipe];
+        pipes.extend(list_unsettled(&sessions, replicated));
+        let mut replies: Vec<Vec<Value>> = run_each(conn, &pipes).await?;
+        let current: String = redis::from_redis_value(
+            replies
+                .first_mut()
+                .and_then(|r| r.pop())
+                .unwrap_or(Value::Nil),
+        )?;
+        let counts: Vec<Pipeline> = batches
+            .iter()
+            .map(|(session, fps)| {
+                let mut pipe = redis::pipe();
+                let mut args = vec![window.as_millis().to_string()];
+                args.extend(fps.iter().map(|fp| format!("{fp:016x}")));
+                eval(
+                    &mut pipe,
+                    ACCOUNT,
+                    &[seen_key(*session), usage_key(*session)],
+                    &args,
+                );
+                replicate(&mut pipe, replicated);
+                pipe
+            })
+            .collect();
+        let added: Vec<(u64,)> = run_each(conn, &counts).await?;
+        let added: Vec<u64> = added.into_iter().map(|(n,)| n).collect();
+        let counted: Vec<Uuid> = sessions
+            .iter()
+            .zip(&added)
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, _)| *s)
+            .collect();
+        run_each::<()>(conn, list_unsettled(&counted, replicated).as_slice()).await?;
         let previous = epoch.lock().unwrap().replace(current.clone());
         Ok(Accounted {
             added,
@@ -236,12 +295,23 @@ impl UsageStore {
                     })
                     .collect())
             }
-            Self::Redis { conn, owner, .. } => {
+            Self::Redis {
+                conn,
+                owner,
+                replicated,
+                ..
+            } => {
                 let mut pipe = redis::pipe();
-                for &s in sessions {
-                    self.per_session(&mut pipe, TAKE, s, owner);
-                }
-                run(conn, &pipe).await
+                eval(
+                    &mut pipe,
+                    ALIVE,
+                    &[ALIVE_KEY.into()],
+                    &[owner.clone(), "0".into()],
+                );
+                let (alive,): (Vec<String>,) = run(conn, &pipe).await?;
+                let mut args = vec![owner.clone()];
+                args.extend(alive);
+                per_session(conn, *replicated, TAKE, sessions, &args).await
             }
         }
     }
@@ -290,24 +360,101 @@ impl UsageStore {
                 }
                 Ok(())
             }
-            Self::Redis { conn, owner, .. } => {
-                let mut pipe = redis::pipe();
-                for &s in sessions {
-                    self.per_session(&mut pipe, script, s, owner);
-                }
-                run::<Vec<i64>>(conn, &pipe).await.map(drop)
-            }
+            Self::Redis {
+                conn,
+                owner,
+                replicated,
+                ..
+            } => per_session(
+                conn,
+                *replicated,
+                script,
+                sessions,
+                std::slice::from_ref(owner),
+            )
+            .await
+            .map(drop),
         }
     }
+}
 
-    fn per_session(&self, pipe: &mut Pipeline, script: &str, session: Uuid, owner: &str) {
-        eval(
-            pipe,
-            script,
-            &[usage_key(session), UNSETTLED_KEY.into()],
-            &[owner.into(), session.to_string(), ALIVE_PREFIX.into()],
-        );
+/// Runs `script` on each session's usage; returns each one's count, and takes the
+/// sessions it found settled off the unsettled list.
+async fn per_session(
+    conn: &Link,
+    replicated: bool,
+    script: &str,
+    sessions: &[Uuid],
+    args: &[String],
+) -> redis::RedisResult<Vec<u64>> {
+    let pipes: Vec<Pipeline> = sessions
+        .iter()
+        .map(|&s| {
+            let mut pipe = redis::pipe();
+            eval(&mut pipe, script, &[usage_key(s)], args);
+            replicate(&mut pipe, replicated);
+            pipe
+        })
+        .collect();
+    let replies: Vec<((u64, u8),)> = run_each(conn, &pipes).await?;
+    let settled: Vec<Uuid> = sessions
+        .iter()
+        .zip(&replies)
+        .filter(|(_, ((_, settled),))| *settled == 1)
+        .map(|(s, _)| *s)
+        .collect();
+    if !settled.is_empty() {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SREM")
+            .arg(UNSETTLED_KEY)
+            .arg(ids(&settled))
+            .ignore();
+        run::<()>(conn, &pipe).await?;
+        // Counted by another instance between our script and the SREM: list it again.
+        let checks: Vec<Pipeline> = settled
+            .iter()
+            .map(|&s| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EXISTS").arg(usage_key(s));
+                pipe
+            })
+            .collect();
+        let exists: Vec<(u8,)> = run_each(conn, &checks).await?;
+        let back: Vec<Uuid> = settled
+            .iter()
+            .zip(exists)
+            .filter(|(_, (e,))| *e == 1)
+            .map(|(s, _)| *s)
+            .collect();
+        run_each::<()>(conn, list_unsettled(&back, replicated).as_slice()).await?;
     }
+    Ok(replies.into_iter().map(|((n, _),)| n).collect())
+}
+
+/// Adds `sessions` to the unsettled list (nothing for none).
+fn list_unsettled(sessions: &[Uuid], replicated: bool) -> Option<Pipeline> {
+    if sessions.is_empty() {
+        return None;
+    }
+    let mut pipe = redis::pipe();
+    pipe.cmd("SADD")
+        .arg(UNSETTLED_KEY)
+        .arg(ids(sessions))
+        .ignore();
+    replicate(&mut pipe, replicated);
+    Some(pipe)
+}
+
+/// Ends a pipeline of writes with a wait for one replica, when there are replicas.
+/// On a Cluster the wait goes with the pipeline to the node of its key.
+fn replicate(pipe: &mut Pipeline, replicated: bool) {
+    if replicated {
+        pipe.cmd("WAIT").arg(1).arg(REPLICA_WAIT_MS).ignore();
+    }
+}
+
+fn ids(sessions: &[Uuid]) -> Vec<String> {
+    sessions.iter().map(Uuid::to_string).collect()
 }
 
 fn rand_suffix() -> u64 {
@@ -331,19 +478,20 @@ fn eval(pipe: &mut Pipeline, script: &str, keys: &[String], args: &[String]) {
 const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn run<T: redis::FromRedisValue + Default>(
-    conn: &ConnectionManager,
+    conn: &Link,
     pipe: &Pipeline,
 ) -> redis::RedisResult<T> {
     if pipe.is_empty() {
         return Ok(T::default());
     }
     let mut conn = conn.clone();
-    match tokio::time::timeout(STORE_TIMEOUT, pipe.query_async(&mut conn)).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the usage store did not answer",
-        )
-        .into()),
-    }
+    within(STORE_TIMEOUT, pipe.query_async(&mut conn)).await
+}
+
+/// Runs each pipeline on its own, all at once (on a Cluster, each touches one slot).
+async fn run_each<T: redis::FromRedisValue>(
+    conn: &Link,
+    pipes: &[Pipeline],
+) -> redis::RedisResult<Vec<T>> {
+    within(STORE_TIMEOUT, conn.each(pipes)).await
 }

@@ -47,6 +47,10 @@ pub enum BrokerEvent<'a> {
     Pattern { channel: &'a [u8], payload: Bytes },
     /// The Redis connection was lost; whatever is published until it is back is lost.
     Disconnected,
+    /// On a Cluster, this channel's (or pattern's) subscription was restored after
+    /// its node was lost or its slot moved: what was published on it in between is
+    /// lost.
+    Restored { channel: &'a [u8] },
 }
 
 /// Receives broker events on the connection's own task: it must not block or await.
@@ -71,6 +75,19 @@ pub fn chat_channel(session: Uuid) -> String {
     session.hyphenated().to_string()
 }
 
+/// With sharded pub/sub, where join requests for `session` go: a sharded channel in
+/// the slot of the session's own channels (the hash tag is the session channel's
+/// name), so that a request arrives in order with the session's messages.
+pub fn sharded_join_channel(session: Uuid) -> String {
+    format!("chat-sync:join:{{{}}}", session.hyphenated())
+}
+
+/// Whether `channel` carries join requests (the shared one, or a session's own).
+pub fn is_join_channel(channel: &[u8]) -> bool {
+    channel == JOIN_CHANNEL.as_bytes()
+        || (channel.starts_with(b"chat-sync:join:{") && channel.ends_with(b"}"))
+}
+
 /// The channel announcing a session's end.
 pub fn end_channel(session: Uuid) -> String {
     format!("{}{END_SUFFIX}", session.hyphenated())
@@ -92,13 +109,13 @@ impl Broker {
     /// A Redis broker; it connects in the background, so the server starts (not ready)
     /// even while Redis is still coming up.
     pub fn redis(
-        info: ::redis::ConnectionInfo,
+        redis: &crate::topology::Redis,
         sink: Sink,
         standby: bool,
         tasks: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Self, BrokerError> {
-        redis::RedisBroker::start(info, sink, standby, tasks, token)
+        redis::RedisBroker::start(redis, sink, standby, tasks, token)
             .map(|b| Self::Redis(Arc::new(b)))
     }
 
@@ -154,6 +171,14 @@ impl Broker {
         match self {
             Self::Memory(_) => Ok(vec![1; channels.len()]),
             Self::Redis(b) => b.subscriber_counts(channels).await,
+        }
+    }
+
+    /// Where join requests for `session` are published.
+    pub fn join_channel(&self, session: Uuid) -> String {
+        match self {
+            Self::Memory(_) => JOIN_CHANNEL.into(),
+            Self::Redis(b) => b.join_channel(session),
         }
     }
 

@@ -1,16 +1,21 @@
-//! The Redis broker: one RESP3 connection (a `ConnectionManager`) carries every
-//! subscription, reconnects with capped backoff forever, and restores subscriptions by
-//! itself. A health task PINGs it, which both detects half-open TCP and makes a pure
-//! listener reconnect (the manager otherwise only reconnects when a command fails).
+//! The Redis broker: one RESP3 link (`topology`) carries every subscription,
+//! reconnects with capped backoff forever, and restores subscriptions by itself, on a
+//! new master too. A health task PINGs it (every master, on a Cluster), which both
+//! detects half-open TCP and makes a pure listener reconnect (the link otherwise only
+//! reconnects when a command fails).
+//!
+//! With sharded pub/sub (a Cluster, `REDIS_SHARDED_PUBSUB`), a session's channels and
+//! its join channel are sharded channels in one slot, so a message and a join
+//! request travel over the same connection, in order.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -18,8 +23,9 @@ use uuid::Uuid;
 
 use super::{
     BrokerError, BrokerEvent, JOIN_CHANNEL, SESSION_PATTERN, STANDBY_CHANNEL, SUBSCRIBING, Sink,
-    SubscribeAck, chat_channel, end_channel,
+    SubscribeAck, chat_channel, end_channel, sharded_join_channel,
 };
+use crate::topology::{Kind, Link, LinkOptions, Redis, Topology};
 
 /// Longest wait for one command, including a reconnect in progress (the crate's own
 /// response timeout does not cover reconnects).
@@ -34,7 +40,9 @@ enum Command {
 
 pub struct RedisBroker {
     commands: mpsc::UnboundedSender<Command>,
-    manager: ConnectionManager,
+    link: Link,
+    /// Sessions' channels are sharded channels.
+    sharded: bool,
     connected: Arc<AtomicBool>,
     /// Subscribed to the join-request channel: sessions can be joined to the shared
     /// history (this instance hears its own requests).
@@ -51,54 +59,55 @@ fn ended_key(session: Uuid) -> String {
 
 impl RedisBroker {
     pub fn start(
-        info: ConnectionInfo,
+        redis: &Redis,
         sink: Sink,
         standby: bool,
         tasks: &TaskTracker,
         token: CancellationToken,
     ) -> Result<Self, BrokerError> {
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings))
-            .map_err(|e| BrokerError::Command(e.to_string()))?;
         let connected = Arc::new(AtomicBool::new(false));
-        let push_connected = connected.clone();
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(usize::MAX)
-            .set_max_delay(Duration::from_secs(1))
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            // Every command here has its own timeout (COMMAND_TIMEOUT, the health
-            // PING's): the crate's 500 ms default fails a PUBLISH that may still have
-            // gone out (a retry sends it twice), and fails PINGs when the runtime is
-            // merely busy.
-            .set_response_timeout(None)
-            .set_automatic_resubscription()
-            .set_push_sender(move |push: PushInfo| {
-                on_push(&sink, &push_connected, push);
-                Ok::<(), std::convert::Infallible>(())
-            });
-        let manager = ConnectionManager::new_lazy_with_config(client, config)
+        let sharded = redis.topology().sharded();
+        // On a Cluster a lost node costs only the sessions subscribed there: a gap is
+        // noted per channel, where its subscription is restored. Elsewhere one
+        // connection carries everything, and losing it is a gap for every session.
+        let restored = matches!(redis.topology(), Topology::Cluster(_))
+            .then(|| Arc::new(Mutex::new(HashSet::new())));
+        let push = {
+            let connected = connected.clone();
+            Arc::new(move |push: PushInfo| on_push(&sink, &connected, restored.as_deref(), push))
+        };
+        // Every command here has its own timeout (COMMAND_TIMEOUT, the health PING's):
+        // the crate's 500 ms default fails a PUBLISH that may still have gone out (a
+        // retry sends it twice), and fails PINGs when the runtime is merely busy.
+        let link = redis
+            .link(
+                LinkOptions {
+                    push: Some(push),
+                    response_timeout: None,
+                },
+                tasks,
+            )
             .map_err(|e| BrokerError::Command(e.to_string()))?;
         let (commands, rx) = mpsc::unbounded_channel();
         tasks.spawn(run_commands(
-            manager.clone(),
+            link.clone(),
+            sharded,
             rx,
             connected.clone(),
             token.clone(),
         ));
         let listening = Arc::new(AtomicBool::new(false));
         tasks.spawn(listen_for_joins(
-            manager.clone(),
+            link.clone(),
             standby,
             listening.clone(),
             token.clone(),
         ));
-        tasks.spawn(run_health(manager.clone(), connected.clone(), token));
+        tasks.spawn(run_health(link.clone(), connected.clone(), token));
         Ok(Self {
             commands,
-            manager,
+            link,
+            sharded,
             connected,
             listening,
             tasks: tasks.clone(),
@@ -109,7 +118,7 @@ impl RedisBroker {
         if ttl.is_zero() {
             return;
         }
-        let mut conn = self.manager.clone();
+        let mut conn = self.link.clone();
         self.tasks.spawn(async move {
             let mut set = redis::cmd("SET");
             set.arg(ended_key(session))
@@ -126,7 +135,7 @@ impl RedisBroker {
         if !self.is_connected() {
             return Err(BrokerError::Unavailable);
         }
-        let mut conn = self.manager.clone();
+        let mut conn = self.link.clone();
         let mut get = redis::cmd("GET");
         get.arg(ended_key(session));
         let value: Option<Vec<u8>> = with_timeout(get.query_async(&mut conn)).await?;
@@ -149,18 +158,46 @@ impl RedisBroker {
         if !self.is_connected() {
             return Err(BrokerError::Unavailable);
         }
-        let mut conn = self.manager.clone();
-        let mut publish = redis::cmd("PUBLISH");
+        let mut conn = self.link.clone();
+        let mut publish = redis::cmd(if self.sharded && !is_ours(&channel) {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        });
         publish.arg(channel).arg(payload.as_ref());
         with_timeout(publish.query_async::<usize>(&mut conn)).await
     }
 
+    /// Subscribers per channel, from every node of a Cluster (the crate adds them up).
     pub async fn subscriber_counts(&self, channels: &[String]) -> Result<Vec<usize>, BrokerError> {
-        let mut conn = self.manager.clone();
-        let mut numsub = redis::cmd("PUBSUB");
-        numsub.arg("NUMSUB").arg(channels);
-        let pairs: Vec<(String, usize)> = with_timeout(numsub.query_async(&mut conn)).await?;
-        Ok(pairs.into_iter().map(|(_, n)| n).collect())
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        let (ours, sessions): (Vec<&String>, Vec<&String>) =
+            channels.iter().partition(|c| is_ours(c));
+        for (list, sharded) in [(ours, false), (sessions, self.sharded)] {
+            if list.is_empty() {
+                continue;
+            }
+            let mut conn = self.link.clone();
+            let mut numsub = redis::cmd("PUBSUB");
+            numsub
+                .arg(if sharded { "SHARDNUMSUB" } else { "NUMSUB" })
+                .arg(list);
+            let found: HashMap<String, usize> = with_timeout(numsub.query_async(&mut conn)).await?;
+            counts.extend(found);
+        }
+        Ok(channels
+            .iter()
+            .map(|c| counts.get(c).copied().unwrap_or(0))
+            .collect())
+    }
+
+    /// Where join requests for `session` are published.
+    pub fn join_channel(&self, session: Uuid) -> String {
+        if self.sharded {
+            sharded_join_channel(session)
+        } else {
+            JOIN_CHANNEL.into()
+        }
     }
 
     pub fn is_connected(&self) -> bool {
@@ -178,9 +215,22 @@ async fn with_timeout<T>(
     }
 }
 
-fn on_push(sink: &Sink, connected: &AtomicBool, push: PushInfo) {
+/// chat-sync's own channels, which are never sharded.
+fn is_ours(channel: &str) -> bool {
+    channel.starts_with("chat-sync:history:")
+}
+
+/// `restored`: on a Cluster, the channels whose subscription was confirmed; a second
+/// confirmation of one is its subscription restored after a lost node or a moved
+/// slot, and what was published in between is lost to it.
+fn on_push(
+    sink: &Sink,
+    connected: &AtomicBool,
+    restored: Option<&Mutex<HashSet<Vec<u8>>>>,
+    push: PushInfo,
+) {
     match push.kind {
-        PushKind::Message => {
+        PushKind::Message | PushKind::SMessage => {
             let mut data = push.data.into_iter();
             if let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
                 (data.next(), data.next())
@@ -202,11 +252,28 @@ fn on_push(sink: &Sink, connected: &AtomicBool, push: PushInfo) {
                 });
             }
         }
+        PushKind::Subscribe | PushKind::SSubscribe | PushKind::PSubscribe => {
+            if let (Some(restored), Some(Value::BulkString(channel))) =
+                (restored, push.data.first())
+                && !restored.lock().unwrap().insert(channel.clone())
+            {
+                sink(BrokerEvent::Restored { channel });
+            }
+        }
+        PushKind::Unsubscribe | PushKind::SUnsubscribe | PushKind::PUnsubscribe => {
+            if let (Some(restored), Some(Value::BulkString(channel))) =
+                (restored, push.data.first())
+            {
+                restored.lock().unwrap().remove(channel);
+            }
+        }
         PushKind::Disconnection => {
             if connected.swap(false, Ordering::AcqRel) {
                 tracing::warn!("redis connection lost; reconnecting");
             }
-            sink(BrokerEvent::Disconnected);
+            if restored.is_none() {
+                sink(BrokerEvent::Disconnected);
+            }
         }
         _ => {}
     }
@@ -221,11 +288,13 @@ const BATCH: usize = 512;
 /// anything requested after it) until it goes through, unless a later subscribe of the
 /// same session supersedes it.
 async fn run_commands(
-    mut manager: ConnectionManager,
+    mut link: Link,
+    sharded: bool,
     mut rx: mpsc::UnboundedReceiver<Command>,
     connected: Arc<AtomicBool>,
     token: CancellationToken,
 ) {
+    let kind = if sharded { Kind::Shard } else { Kind::Channel };
     let mut deferred: Vec<Uuid> = Vec::new();
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -255,12 +324,13 @@ async fn run_commands(
                 .count();
             let run: Vec<Command> = ops.drain(..len).collect();
             let up = connected.load(Ordering::Acquire);
+            let sessions: Vec<Uuid> = run.iter().map(Command::session).collect();
+            let channels = channels(&sessions, sharded);
             if subscribing {
-                let sessions: Vec<Uuid> = run.iter().map(Command::session).collect();
                 deferred.retain(|s| !sessions.contains(s));
                 let result = if up {
-                    match with_timeout(announce(&mut manager, &sessions)).await {
-                        Ok(()) => with_timeout(manager.subscribe(&channels(&sessions))).await,
+                    match with_timeout(announce(&link, &sessions, sharded)).await {
+                        Ok(()) => with_timeout(link.subscribe(kind, &channels)).await,
                         Err(e) => Err(e),
                     }
                 } else {
@@ -275,9 +345,8 @@ async fn run_commands(
                     }
                 }
             } else {
-                let sessions: Vec<Uuid> = run.iter().map(Command::session).collect();
                 let done = up
-                    && with_timeout(manager.unsubscribe(&channels(&sessions)))
+                    && with_timeout(link.unsubscribe(kind, &channels))
                         .await
                         .is_ok();
                 if !done {
@@ -293,14 +362,30 @@ async fn run_commands(
 /// Tells every instance, before subscribing, that this one is about to serve these
 /// sessions: an instance that is stopping then waits for this one's join request
 /// instead of taking the new subscription for one that already serves the session.
-/// Sent on the subscribing connection, so Redis orders it before the subscription.
-async fn announce(manager: &mut ConnectionManager, sessions: &[Uuid]) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    for session in sessions {
-        pipe.publish(JOIN_CHANNEL, format!("{session} {SUBSCRIBING}"))
-            .ignore();
-    }
-    pipe.query_async(manager).await
+/// Sent on the subscribing link, so Redis orders it before the subscription (on a
+/// Cluster, each session's announcement goes to its own slot).
+async fn announce(link: &Link, sessions: &[Uuid], sharded: bool) -> redis::RedisResult<()> {
+    let pipes: Vec<redis::Pipeline> = if sharded {
+        sessions
+            .iter()
+            .map(|session| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SPUBLISH")
+                    .arg(sharded_join_channel(*session))
+                    .arg(format!("{session} {SUBSCRIBING}"))
+                    .ignore();
+                pipe
+            })
+            .collect()
+    } else {
+        let mut pipe = redis::pipe();
+        for session in sessions {
+            pipe.publish(JOIN_CHANNEL, format!("{session} {SUBSCRIBING}"))
+                .ignore();
+        }
+        vec![pipe]
+    };
+    link.each::<()>(&pipes).await.map(drop)
 }
 
 impl Command {
@@ -311,34 +396,44 @@ impl Command {
     }
 }
 
-/// Both channels of each session.
-fn channels(sessions: &[Uuid]) -> Vec<String> {
+/// Each session's channels: chat and end, and with sharded pub/sub its join channel.
+fn channels(sessions: &[Uuid], sharded: bool) -> Vec<String> {
     sessions
         .iter()
-        .flat_map(|s| [chat_channel(*s), end_channel(*s)])
+        .flat_map(|s| {
+            let mut list = vec![chat_channel(*s), end_channel(*s)];
+            if sharded {
+                list.push(sharded_join_channel(*s));
+            }
+            list
+        })
         .collect()
 }
 
 /// Subscribes to the join-request channel (and, for a history standby, to every
-/// session's channel) once Redis is there; the manager restores the subscriptions
-/// after every reconnect.
+/// session's channel) once Redis is there; the link restores the subscriptions after
+/// every reconnect. With sharded pub/sub, join requests come on each session's own
+/// channel; this subscription then only counts the instances that listen.
 async fn listen_for_joins(
-    mut manager: ConnectionManager,
+    mut link: Link,
     standby: bool,
     listening: Arc<AtomicBool>,
     token: CancellationToken,
 ) {
-    let channels: &[&str] = if standby {
-        &[JOIN_CHANNEL, STANDBY_CHANNEL]
-    } else {
-        &[JOIN_CHANNEL]
-    };
+    let mut channels = vec![JOIN_CHANNEL.to_string()];
+    if standby {
+        channels.push(STANDBY_CHANNEL.into());
+    }
+    let pattern = [SESSION_PATTERN.to_string()];
     let mut joins = false;
     loop {
-        joins = joins || with_timeout(manager.subscribe(channels)).await.is_ok();
+        joins = joins
+            || with_timeout(link.subscribe(Kind::Channel, &channels))
+                .await
+                .is_ok();
         if joins
             && (!standby
-                || with_timeout(manager.psubscribe(SESSION_PATTERN))
+                || with_timeout(link.subscribe(Kind::Pattern, &pattern))
                     .await
                     .is_ok())
         {
@@ -352,13 +447,9 @@ async fn listen_for_joins(
     }
 }
 
-/// PINGs through the manager: marks the broker ready when Redis answers, and makes the
-/// manager reconnect when it does not.
-async fn run_health(
-    mut manager: ConnectionManager,
-    connected: Arc<AtomicBool>,
-    token: CancellationToken,
-) {
+/// PINGs through the link: marks the broker ready when Redis (every master of a
+/// Cluster) answers, and makes the link reconnect when it does not.
+async fn run_health(mut link: Link, connected: Arc<AtomicBool>, token: CancellationToken) {
     let mut interval = tokio::time::interval(HEALTH_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ever_connected = false;
@@ -367,13 +458,9 @@ async fn run_health(
             _ = token.cancelled() => break,
             _ = interval.tick() => {}
         }
-        let ping = redis::cmd("PING");
-        let ok = tokio::time::timeout(
-            HEALTH_INTERVAL * 2,
-            ping.query_async::<String>(&mut manager),
-        )
-        .map(|r| matches!(r, Ok(Ok(_))))
-        .await;
+        let ok = tokio::time::timeout(HEALTH_INTERVAL * 2, link.ping())
+            .map(|r| matches!(r, Ok(Ok(()))))
+            .await;
         let was = connected.swap(ok, Ordering::AcqRel);
         if ok && !was {
             if ever_connected {

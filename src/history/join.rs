@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::History;
 use super::store::{Cursor, Entry, Snapshot};
-use crate::broker::{Broker, JOIN_CHANNEL};
+use crate::broker::{Broker, STANDBY_CHANNEL, chat_channel};
 use crate::frame;
 use crate::position::Position;
 use crate::session::{Outbox, Session};
@@ -37,15 +37,31 @@ impl History {
         let Some(store) = &self.store else { return };
         let ask = Uuid::new_v4().as_u64_pair().0;
         let request = Bytes::from(format!("{} {ask:016x}", session.id));
-        let asked = broker.publish(JOIN_CHANNEL.into(), request).await.is_ok();
+        let asked = broker
+            .publish(broker.join_channel(session.id), request)
+            .await
+            .is_ok();
         let deadline = Instant::now() + self.handover_wait;
+        let listeners = [chat_channel(session.id), STANDBY_CHANNEL.into()];
+        let own_standby = usize::from(self.is_standby());
         while asked && Instant::now() < deadline {
-            let own_standby = u64::from(self.is_standby());
-            match store.poll(session.id, ask, own_standby).await {
-                Ok((_, true)) => break,
-                Ok((true, _)) if own_ask(session, ask).is_some() => break,
-                _ => tokio::time::sleep(POLL).await,
+            // Waiting is pointless when no other instance is subscribed to the session
+            // to answer (neither serving it nor as a history standby). An empty
+            // history is no reason to stop: an instance serving the session may not
+            // have written its last tick.
+            let alone = matches!(
+                broker.subscriber_counts(&listeners).await.as_deref(),
+                Ok([serving, standbys]) if *serving <= 1 && *standbys <= own_standby
+            );
+            if alone {
+                break;
             }
+            if let Ok(true) = store.answered(session.id, ask).await
+                && own_ask(session, ask).is_some()
+            {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
         }
         let plan = match store.read(session.id, ask).await {
             Ok(snapshot) => {

@@ -16,13 +16,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::broker::BrokerEvent;
-use crate::broker::JOIN_CHANNEL;
+use crate::broker::is_join_channel;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::session::Sessions;
+use crate::topology::Redis;
 use standby::Standby;
 use store::HistoryStore;
 pub use store::{Cursor, Item};
@@ -94,12 +96,15 @@ pub struct History {
 impl History {
     pub fn new(
         config: &Config,
+        redis: Option<&Redis>,
+        tasks: &TaskTracker,
         sessions: Arc<Sessions>,
         metrics: Arc<Metrics>,
     ) -> redis::RedisResult<Self> {
-        let store = match &config.redis {
-            Some(info) if config.history_messages > 0 => Some(HistoryStore::new(
-                info.clone(),
+        let store = match redis {
+            Some(redis) if config.history_messages > 0 => Some(HistoryStore::new(
+                redis,
+                tasks,
                 config.history_messages,
                 config.history_bytes,
                 TTL,
@@ -165,7 +170,7 @@ impl History {
     /// everything for the standby. Never waits.
     pub fn on_broker_event(&self, event: &BrokerEvent<'_>) {
         if let BrokerEvent::Message { channel, payload } = event
-            && *channel == JOIN_CHANNEL.as_bytes()
+            && is_join_channel(channel)
             && self.stopping.load(Ordering::Acquire)
             && let Some(session) = crate::session::parse_subscribing(payload)
         {
@@ -328,7 +333,13 @@ mod tests {
                 .unwrap();
         let metrics = Arc::new(Metrics::new());
         let sessions = Arc::new(Sessions::new(1 << 20, 1 << 30, metrics.clone()));
-        let history = History::new(&config, sessions, metrics).unwrap();
+        let tasks = TaskTracker::new();
+        let redis = Redis::start(
+            config.redis.clone().unwrap(),
+            &tasks,
+            CancellationToken::new(),
+        );
+        let history = History::new(&config, Some(&redis), &tasks, sessions, metrics).unwrap();
         let session = Uuid::new_v4();
         let big = bytes::Bytes::from(vec![b'x'; 1 << 20]);
         for i in 0..100 {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::store::Item;
-use crate::broker::{BrokerEvent, JOIN_CHANNEL};
+use crate::broker::{BrokerEvent, JOIN_CHANNEL, SESSION_PATTERN};
 use crate::metrics::Metrics;
 use crate::position::Fingerprinter;
 use crate::session::Sessions;
@@ -76,7 +76,8 @@ impl Standby {
                 }
             }
             BrokerEvent::Message { .. } => {}
-            BrokerEvent::Disconnected => {
+            BrokerEvent::Restored { channel } if *channel != SESSION_PATTERN.as_bytes() => {}
+            BrokerEvent::Disconnected | BrokerEvent::Restored { .. } => {
                 for watch in self.watches.lock().unwrap().map.values_mut() {
                     watch.fingerprints.gap();
                     watch.items.push(Item::Gap);

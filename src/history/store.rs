@@ -8,11 +8,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
-use redis::{ConnectionInfo, Pipeline};
+use redis::Pipeline;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::broker::{STANDBY_CHANNEL, chat_channel};
+use crate::topology::{Link, LinkOptions, Redis, within};
 
 /// Appends a writer's run of items where it continues the history (see the module
 /// docs of `history`). KEYS: list, index, meta. ARGV: max entries, max bytes, ttl ms,
@@ -135,7 +135,7 @@ pub struct Snapshot {
 }
 
 pub struct HistoryStore {
-    conn: ConnectionManager,
+    conn: Link,
     max_entries: usize,
     max_bytes: usize,
     ttl: Duration,
@@ -146,17 +146,19 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 impl HistoryStore {
     pub fn new(
-        info: ConnectionInfo,
+        redis: &Redis,
+        tasks: &TaskTracker,
         max_entries: usize,
         max_bytes: usize,
         ttl: Duration,
     ) -> redis::RedisResult<Self> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(usize::MAX)
-            .set_max_delay(Duration::from_secs(1))
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(None);
-        let conn = ConnectionManager::new_lazy_with_config(redis::Client::open(info)?, config)?;
+        let conn = redis.link(
+            LinkOptions {
+                push: None,
+                response_timeout: None,
+            },
+            tasks,
+        )?;
         Ok(Self {
             conn,
             max_entries,
@@ -171,8 +173,9 @@ impl HistoryStore {
         &self,
         runs: &[(Uuid, Cursor, Vec<Item>)],
     ) -> redis::RedisResult<Vec<(Cursor, u64)>> {
-        let mut pipe = redis::pipe();
+        let mut pipes = Vec::with_capacity(runs.len());
         for (session, cursor, items) in runs {
+            let mut pipe = redis::pipe();
             let (mode, prev) = match cursor {
                 Cursor::Joined(prev) => ("k", prev.map(hex).unwrap_or_default()),
                 Cursor::Gap => ("g", String::new()),
@@ -195,11 +198,14 @@ impl HistoryStore {
                     Item::Ask(id) => cmd.arg("a").arg(hex(*id)),
                 };
             }
+            pipes.push(pipe);
         }
-        let replies: Vec<(String, String, u64)> = self.run(&pipe).await?;
+        // One pipeline per session: on a Cluster, sessions live in different slots.
+        let replies: Vec<((String, String, u64),)> =
+            within(TIMEOUT, self.conn.each(&pipes)).await?;
         Ok(replies
             .into_iter()
-            .map(|(mode, prev, answered)| {
+            .map(|((mode, prev, answered),)| {
                 let cursor = match mode.as_str() {
                     "k" if prev.is_empty() => Cursor::Joined(None),
                     "k" => u64::from_str_radix(&prev, 16)
@@ -212,31 +218,15 @@ impl HistoryStore {
             .collect())
     }
 
-    /// Whether the join request `ask` was answered yet, and whether waiting longer
-    /// is pointless: no other instance is subscribed to the session to answer (neither
-    /// serving it nor as a history standby). An empty history is no reason to stop
-    /// waiting: an instance serving the session may not have written its last tick.
-    pub async fn poll(
-        &self,
-        session: Uuid,
-        ask: u64,
-        own_standby: u64,
-    ) -> redis::RedisResult<(bool, bool)> {
+    /// Whether the join request `ask` was answered yet.
+    pub async fn answered(&self, session: Uuid, ask: u64) -> redis::RedisResult<bool> {
         let [_, _, meta] = keys(session);
         let mut pipe = redis::pipe();
         pipe.cmd("HEXISTS")
             .arg(&meta)
             .arg(format!("ask:{}", hex(ask)));
-        pipe.cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(chat_channel(session))
-            .arg(STANDBY_CHANNEL);
-        let (answered, counts): (bool, Vec<(String, u64)>) = self.run(&pipe).await?;
-        let (serving, standbys) = match counts[..] {
-            [(_, serving), (_, standbys)] => (serving, standbys),
-            _ => (u64::MAX, 0),
-        };
-        Ok((answered, serving <= 1 && standbys <= own_standby))
+        let (answered,): (bool,) = self.run(&pipe).await?;
+        Ok(answered)
     }
 
     /// Whether the history holds the message named `fingerprint`.
@@ -280,14 +270,7 @@ impl HistoryStore {
 
     async fn run<T: redis::FromRedisValue>(&self, pipe: &Pipeline) -> redis::RedisResult<T> {
         let mut conn = self.conn.clone();
-        match tokio::time::timeout(TIMEOUT, pipe.query_async(&mut conn)).await {
-            Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the history store did not answer",
-            )
-            .into()),
-        }
+        within(TIMEOUT, pipe.query_async(&mut conn)).await
     }
 }
 

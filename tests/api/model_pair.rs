@@ -17,6 +17,7 @@ use chat_sync::metrics::Metrics;
 use chat_sync::registry::{Limits, Registry};
 use chat_sync::session::Sessions;
 use chat_sync::subscription::Subscription;
+use chat_sync::topology::Redis;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -51,7 +52,17 @@ impl Instance {
         .unwrap();
         let metrics = Arc::new(Metrics::new());
         let sessions = Arc::new(Sessions::new(1 << 20, 1 << 30, metrics.clone()));
-        let history = Arc::new(History::new(&config, sessions.clone(), metrics.clone()).unwrap());
+        let redis = Redis::start(config.redis.clone().unwrap(), tasks, token.clone());
+        let history = Arc::new(
+            History::new(
+                &config,
+                Some(&redis),
+                tasks,
+                sessions.clone(),
+                metrics.clone(),
+            )
+            .unwrap(),
+        );
         let sink: Sink = {
             let (sessions, history) = (sessions.clone(), history.clone());
             Arc::new(move |event| {
@@ -59,8 +70,7 @@ impl Instance {
                 sessions.on_broker_event(event);
             })
         };
-        let info = config.redis.clone().unwrap();
-        let broker = Broker::redis(info, sink, false, tasks, token.clone()).unwrap();
+        let broker = Broker::redis(&redis, sink, false, tasks, token.clone()).unwrap();
         let mut limits = Limits::from(&config);
         limits.max_streams_per_client = usize::MAX;
         limits.new_sessions_per_client = u32::MAX;
