@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need when it is missing (redis-server and
+# The test command: installs what the tests need when it is missing (redis-server, whose
+# binary is also the sentinel (`redis-server --sentinel`), redis-cli for making a cluster, and
 # nginx, which the tests start themselves on free loopback ports; Chromium and
 # playwright-core for the browser tests), then runs every test: cargo's, then the
 # end-to-end tests in headless Chromium against the binary cargo just built.
@@ -8,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v node >/dev/null || missing+=(nodejs npm)

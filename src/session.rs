@@ -238,6 +238,10 @@ impl Sessions {
     /// `<session> <id in hex>`: an instance starts serving the session and asks where
     /// in the stream its subscription began. Noted in order with the messages.
     fn on_join_request(&self, payload: &[u8]) {
+        if parse_subscribing(payload).is_some() {
+            // An announcement, for a stopping instance's handover (`history`).
+            return;
+        }
         let parsed = std::str::from_utf8(payload).ok().and_then(|text| {
             let (session, ask) = text.split_once(' ')?;
             Some((

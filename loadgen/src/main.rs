@@ -56,6 +56,12 @@ pub struct Args {
     /// Redis to publish to (chat-sync).
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
+    /// A Redis Cluster to publish to instead (`host:port,...`), with `PUBLISH`.
+    #[arg(long, value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
+    /// With `--redis-cluster`: `SPUBLISH` (sharded pub/sub).
+    #[arg(long)]
+    pub sharded: bool,
     /// Nchan publisher address (its `/pub?id=` location).
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub nchan_pub: SocketAddr,

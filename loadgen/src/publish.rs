@@ -45,6 +45,12 @@ pub async fn run(args: &Args, _stats: Rc<RefCell<Stats>>) -> anyhow::Result<u64>
 
 enum Sink {
     Redis(redis::aio::MultiplexedConnection),
+    /// One request per message, all in flight at once: on a Cluster a pipeline may
+    /// only address one slot.
+    Cluster {
+        conn: redis::cluster_async::ClusterConnection,
+        sharded: bool,
+    },
     Nchan {
         conn: TcpStream,
         outstanding: usize,
@@ -55,6 +61,17 @@ enum Sink {
 impl Sink {
     async fn open(args: &Args) -> anyhow::Result<Self> {
         Ok(match args.target {
+            Target::ChatSync if !args.redis_cluster.is_empty() => Self::Cluster {
+                conn: redis::cluster::ClusterClient::new(
+                    args.redis_cluster
+                        .iter()
+                        .map(|n| format!("redis://{n}"))
+                        .collect::<Vec<_>>(),
+                )?
+                .get_async_connection()
+                .await?,
+                sharded: args.sharded,
+            },
             Target::ChatSync => Self::Redis(
                 redis::Client::open(args.redis.as_str())?
                     .get_multiplexed_async_connection()
@@ -80,6 +97,16 @@ impl Sink {
                     pipe.publish(channel, payload).ignore();
                 }
                 pipe.query_async::<()>(conn).await?;
+            }
+            Self::Cluster { conn, sharded } => {
+                let command = if *sharded { "SPUBLISH" } else { "PUBLISH" };
+                futures::future::try_join_all(batch.iter().map(|(channel, payload)| {
+                    let mut conn = conn.clone();
+                    let mut cmd = redis::cmd(command);
+                    cmd.arg(channel).arg(payload);
+                    async move { cmd.query_async::<()>(&mut conn).await }
+                }))
+                .await?;
             }
             Self::Nchan {
                 conn,

@@ -122,9 +122,11 @@ const UNSETTLED_KEY: &str = "chat-sync:billing:unsettled";
 /// store (no persistence), which instances notice and report.
 const EPOCH_KEY: &str = "chat-sync:billing:epoch";
 const ALIVE_KEY: &str = "chat-sync:billing:alive";
-/// How long a write waits for a replica (under Sentinel or on a Cluster); a replica
-/// that is down costs this per round, and exactness across a failover meanwhile.
-const REPLICA_WAIT_MS: u64 = 1_000;
+/// How long a write waits for a replica (under Sentinel or on a Cluster). A replica
+/// acknowledges within a millisecond or two; one that is down (after a failover, until
+/// the old master comes back as a replica) costs this per step of a round, and
+/// exactness across a second failover meanwhile.
+const REPLICA_WAIT_MS: u64 = 200;
 
 fn seen_key(session: Uuid) -> String {
     format!("chat-sync:billing:{{{session}}}:seen")

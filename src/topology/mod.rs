@@ -6,6 +6,7 @@
 //! failover) for a Cluster, and for Sentinel a manager rebuilt on each new master
 //! that the sentinels name (the crate has no manager over Sentinel).
 
+mod cluster;
 mod sentinel;
 mod settings;
 
@@ -101,21 +102,33 @@ pub struct Redis {
     topology: Topology,
     /// Under Sentinel, the master the sentinels name (`None` until one answers).
     master: Option<watch::Receiver<Option<ConnectionInfo>>>,
+    /// On a Cluster, its slot map (`None` until a node answers).
+    slots: Option<watch::Receiver<Option<cluster::SlotMap>>>,
 }
 
 impl Redis {
-    /// Under Sentinel, starts asking the sentinels for the master, for as long as
-    /// `token` lives.
+    /// Under Sentinel, starts asking the sentinels for the master, and on a Cluster
+    /// the cluster for its slot map, for as long as `token` lives.
     pub fn start(topology: Topology, tasks: &TaskTracker, token: CancellationToken) -> Self {
-        let master = match &topology {
+        let (mut master, mut slots) = (None, None);
+        match &topology {
             Topology::Sentinel(settings) => {
                 let (tx, rx) = watch::channel(None);
                 tasks.spawn(sentinel::watch_master(settings.clone(), tx, token));
-                Some(rx)
+                master = Some(rx);
             }
-            _ => None,
-        };
-        Self { topology, master }
+            Topology::Cluster(settings) => {
+                let (tx, rx) = watch::channel(None);
+                tasks.spawn(cluster::watch_slots(settings.nodes.clone(), tx, token));
+                slots = Some(rx);
+            }
+            Topology::Single(_) => {}
+        }
+        Self {
+            topology,
+            master,
+            slots,
+        }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -159,11 +172,31 @@ impl Redis {
                     });
                 }
                 let client = builder.build()?;
-                Ok(Link::Cluster(
-                    client.get_pending_async_connection_with_config(
-                        ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT),
-                    ),
-                ))
+                let conn = client.get_pending_async_connection_with_config(
+                    ClusterConfig::new().set_connection_timeout(CONNECT_TIMEOUT),
+                );
+                let mut slots = self.slots.clone().expect("a slot map watch");
+                tasks.spawn({
+                    let conn = conn.clone();
+                    let mut slots = slots.clone();
+                    async move {
+                        let mut before = slots.borrow_and_update().clone();
+                        while slots.changed().await.is_ok() {
+                            let after = slots.borrow_and_update().clone();
+                            if let (Some(b), Some(a)) = (&before, &after) {
+                                cluster::nudge(&conn, b, a).await;
+                            }
+                            before = after;
+                        }
+                    }
+                });
+                slots.mark_unchanged();
+                let node = settings
+                    .nodes
+                    .first()
+                    .map(|n| n.redis_settings().clone())
+                    .unwrap_or_default();
+                Ok(Link::Cluster(conn, slots, Arc::new(node)))
             }
         }
     }
@@ -224,7 +257,12 @@ async fn unsubscribe(
 pub enum Link {
     Single(ConnectionManager),
     Sentinel(Arc<sentinel::Follower>),
-    Cluster(ClusterConnection),
+    /// With the cluster's slot map, as last read, and how to log in to a node.
+    Cluster(
+        ClusterConnection,
+        watch::Receiver<Option<cluster::SlotMap>>,
+        Arc<RedisConnectionInfo>,
+    ),
 }
 
 /// What kind of subscription.
@@ -241,11 +279,7 @@ impl Link {
         match self {
             Self::Single(m) => subscribe(m, kind, channels).await,
             Self::Sentinel(f) => f.subscribe(kind, channels).await,
-            Self::Cluster(c) => match kind {
-                Kind::Channel => c.subscribe(channels).await,
-                Kind::Pattern => c.psubscribe(channels).await,
-                Kind::Shard => c.ssubscribe(channels).await,
-            },
+            Self::Cluster(c, ..) => cluster::each_channel(c, kind, channels, true).await,
         }
     }
 
@@ -253,16 +287,24 @@ impl Link {
         match self {
             Self::Single(m) => unsubscribe(m, kind, channels).await,
             Self::Sentinel(f) => f.unsubscribe(kind, channels).await,
-            Self::Cluster(c) => match kind {
-                Kind::Channel => c.unsubscribe(channels).await,
-                Kind::Pattern => c.punsubscribe(channels).await,
-                Kind::Shard => c.sunsubscribe(channels).await,
-            },
+            Self::Cluster(c, ..) => cluster::each_channel(c, kind, channels, false).await,
         }
     }
 
-    /// Whether every master answers (on a Cluster, `PING` goes to all of them).
+    /// Whether the master answers; on a Cluster, every master of the slot map (a
+    /// master that died is in it until its replica has taken over).
     pub async fn ping(&mut self) -> RedisResult<()> {
+        if let Self::Cluster(_, slots, node) = self {
+            let map = slots.borrow().clone();
+            return match map {
+                Some(map) => cluster::ping_masters(&map, node).await,
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "no cluster node has answered yet",
+                )
+                .into()),
+            };
+        }
         redis::cmd("PING")
             .query_async::<Value>(self)
             .await
@@ -284,7 +326,7 @@ impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(m) => m.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c, ..) => c.req_packed_command(cmd),
             Self::Sentinel(f) => {
                 let current = f.current();
                 Box::pin(async move { current?.req_packed_command(cmd).await })
@@ -300,7 +342,7 @@ impl ConnectionLike for Link {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(m) => m.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c, ..) => c.req_packed_commands(pipeline, offset, count),
             Self::Sentinel(f) => {
                 let current = f.current();
                 let run: BoxFuture<'a, RedisResult<Vec<Value>>> =
@@ -315,7 +357,7 @@ impl ConnectionLike for Link {
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(m) => m.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(c, ..) => c.get_db(),
             Self::Sentinel(_) => 0,
         }
     }

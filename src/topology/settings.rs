@@ -120,3 +120,114 @@ fn addresses(var: &'static str, list: &str) -> Result<Vec<ConnectionInfo>, Confi
             }
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use crate::config::Config;
+    use crate::topology::Topology;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, crate::config::ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| vars.get(k).cloned())
+    }
+
+    #[test]
+    fn sentinel_and_cluster_variables_are_understood() {
+        let c = config(&[
+            (
+                "REDIS_SENTINELS",
+                "10.0.0.1:26379, 10.0.0.2:26379,10.0.0.3:26379",
+            ),
+            ("REDIS_SENTINEL_MASTER", "mymaster"),
+            ("REDIS_PASSWORD", "node-secret"),
+            ("REDIS_SENTINEL_PASSWORD", "sentinel-secret"),
+        ])
+        .unwrap();
+        let Some(Topology::Sentinel(s)) = &c.redis else {
+            panic!("Sentinel expected");
+        };
+        assert_eq!(s.sentinels.len(), 3);
+        assert_eq!(s.master, "mymaster");
+        assert_eq!(s.node.password(), Some("node-secret"));
+        assert_eq!(
+            s.sentinels[1].redis_settings().password(),
+            Some("sentinel-secret")
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+
+        let c = config(&[
+            ("REDIS_CLUSTER_NODES", "n1:7000,n2:7001"),
+            ("REDIS_SHARDED_PUBSUB", "true"),
+        ])
+        .unwrap();
+        let Some(Topology::Cluster(cluster)) = &c.redis else {
+            panic!("Cluster expected");
+        };
+        assert_eq!(cluster.nodes.len(), 2);
+        assert!(cluster.sharded);
+        assert!(c.redis.as_ref().unwrap().sharded());
+    }
+
+    #[test]
+    fn bad_topologies_name_their_variable() {
+        for (vars, named) in [
+            (
+                &[("REDIS_SENTINELS", "10.0.0.1:26379")][..],
+                "REDIS_SENTINEL_MASTER",
+            ),
+            (
+                &[
+                    ("REDIS_SENTINELS", "10.0.0.1"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                ][..],
+                "REDIS_SENTINELS",
+            ),
+            (
+                &[("REDIS_CLUSTER_NODES", "n1:0")][..],
+                "REDIS_CLUSTER_NODES",
+            ),
+            (&[("REDIS_CLUSTER_NODES", " , ")][..], "REDIS_CLUSTER_NODES"),
+            (
+                &[
+                    ("REDIS_SENTINELS", "s:1"),
+                    ("REDIS_SENTINEL_MASTER", "m"),
+                    ("REDIS_CLUSTER_NODES", "n:1"),
+                ][..],
+                "REDIS_SENTINELS",
+            ),
+            (
+                &[("REDIS_SHARDED_PUBSUB", "true"), ("REDIS_URL", "redis://r")][..],
+                "REDIS_SHARDED_PUBSUB",
+            ),
+            (
+                &[
+                    ("REDIS_CLUSTER_NODES", "n:1"),
+                    ("REDIS_SHARDED_PUBSUB", "yes"),
+                ][..],
+                "REDIS_SHARDED_PUBSUB",
+            ),
+            (
+                &[
+                    ("REDIS_CLUSTER_NODES", "n:1"),
+                    ("REDIS_SHARDED_PUBSUB", "true"),
+                    ("HISTORY_STANDBY", "true"),
+                ][..],
+                "HISTORY_STANDBY",
+            ),
+        ] {
+            let err = config(vars)
+                .err()
+                .unwrap_or_else(|| panic!("{vars:?} was accepted"));
+            assert!(
+                err.to_string().contains(named),
+                "{err} does not name {named}"
+            );
+        }
+    }
+}

@@ -6,6 +6,7 @@ mod common;
 mod billing;
 mod chaos;
 mod delivery;
+mod failover;
 mod faults;
 mod handover;
 mod hostile;

@@ -4,10 +4,12 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod fleet;
 pub mod nginx;
 mod process;
 mod redis_server;
+pub mod sentinel;
 pub mod sse;
 pub mod tenant;
 

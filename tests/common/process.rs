@@ -44,9 +44,13 @@ impl ServerProcess {
                 .env("PATH", std::env::var("PATH").unwrap_or_default())
                 .env("BIND_ADDR", "127.0.0.1")
                 .env("PORT", port.to_string())
-                .env("RUST_LOG", "warn")
-                .current_dir(std::env::temp_dir())
-                .stdout(Stdio::null());
+                .current_dir(std::env::temp_dir());
+            // `TEST_SERVER_LOGS=info,redis=warn cargo test ... -- --nocapture` shows the
+            // servers' logs with that filter, for a failing test.
+            match std::env::var("TEST_SERVER_LOGS") {
+                Ok(filter) => command.env("RUST_LOG", filter).stdout(Stdio::inherit()),
+                Err(_) => command.env("RUST_LOG", "warn").stdout(Stdio::null()),
+            };
             for (k, v) in vars {
                 command.env(k, v);
             }

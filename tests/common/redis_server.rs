@@ -150,3 +150,95 @@ impl Drop for RedisServer {
         }
     }
 }
+
+/// One `redis-server` (or sentinel) process of a topology, on its own port, started
+/// with `args`, that a test kills and starts again as it is.
+pub struct RedisNode {
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisNode {
+    /// Starts it; `None` if it did not come up (the port was taken).
+    pub async fn start(port: u16, args: Vec<String>) -> Option<Self> {
+        let mut node = Self {
+            port,
+            args,
+            child: None,
+        };
+        node.spawn().await.then_some(node)
+    }
+
+    async fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH (.ci/run installs it)");
+        self.child = Some(child);
+        for _ in 0..400 {
+            if self.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                self.child = None;
+                return false;
+            }
+            if ping(&self.url()).await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.kill();
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis_conn(&self.url()).await
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on its port, with its arguments.
+    pub async fn restart(&mut self) {
+        self.kill();
+        for _ in 0..100 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis node did not restart on port {}", self.port);
+    }
+}
+
+impl Drop for RedisNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    match client
+        .get_multiplexed_async_connection_with_config(&super::patient())
+        .await
+    {
+        Ok(mut c) => redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .is_ok(),
+        Err(_) => false,
+    }
+}
