@@ -14,6 +14,7 @@
 //! in-memory ledger and never waits, on the store or on the tenant.
 
 mod ledger;
+mod scripts;
 mod store;
 
 use std::collections::HashMap;

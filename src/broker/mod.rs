@@ -8,6 +8,7 @@
 
 mod memory;
 mod redis;
+mod subscriptions;
 
 use std::sync::Arc;
 use std::time::Duration;

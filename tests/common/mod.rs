@@ -10,6 +10,7 @@ pub mod nginx;
 mod process;
 mod redis_server;
 pub mod sentinel;
+pub mod show;
 pub mod sse;
 pub mod tenant;
 
