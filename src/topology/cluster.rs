@@ -5,11 +5,16 @@
 //! command for that range to another master, whose `MOVED` makes the crate reload
 //! the map and move the subscriptions of that range to the new master.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{ConnectionInfo, IntoConnectionInfo, RedisResult, Value};
+use redis::{
+    Cmd, ConnectionInfo, FromRedisValue, IntoConnectionInfo, RedisConnectionInfo, RedisResult,
+    Value,
+};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -21,6 +26,45 @@ const ASK_EVERY: Duration = Duration::from_millis(500);
 /// Which master serves each slot range: `(first, last, host, port)`, sorted.
 pub type SlotMap = Vec<(u16, u16, String, u16)>;
 
+/// Plain connections to single nodes, one per address, kept while they work: the slot
+/// map is read and the masters are pinged every [`ASK_EVERY`], and a new connection
+/// each time would be a stream of connects in every node's statistics.
+#[derive(Default)]
+pub(super) struct Direct {
+    conns: tokio::sync::Mutex<HashMap<String, MultiplexedConnection>>,
+}
+
+impl Direct {
+    async fn query<T: FromRedisValue>(&self, node: &ConnectionInfo, cmd: &Cmd) -> RedisResult<T> {
+        let key = node.addr().to_string();
+        let cached = self.conns.lock().await.get(&key).cloned();
+        let mut conn = match cached {
+            Some(conn) => conn,
+            None => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(ASK_EVERY))
+                    .set_response_timeout(Some(ASK_EVERY));
+                let conn = redis::Client::open(node.clone())?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                self.conns.lock().await.insert(key.clone(), conn.clone());
+                conn
+            }
+        };
+        let result = cmd.query_async(&mut conn).await;
+        if result.is_err() {
+            self.conns.lock().await.remove(&key);
+        }
+        result
+    }
+
+    /// Forgets the connections to nodes that are not in `nodes`.
+    async fn keep(&self, nodes: &[ConnectionInfo]) {
+        let keys: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+        self.conns.lock().await.retain(|k, _| keys.contains(k));
+    }
+}
+
 /// Reads the slot map from any node that answers (the configured ones, then the
 /// masters last seen) and publishes each change, until `token` is cancelled.
 pub(super) async fn watch_slots(
@@ -28,20 +72,18 @@ pub(super) async fn watch_slots(
     map: watch::Sender<Option<SlotMap>>,
     token: CancellationToken,
 ) {
+    let direct = Direct::default();
+    let login = nodes[0].redis_settings().clone();
     loop {
-        let known: Vec<ConnectionInfo> = map
+        let known = map
             .borrow()
-            .iter()
-            .flatten()
-            .filter_map(|(_, _, host, port)| {
-                redis::ConnectionAddr::Tcp(host.clone(), *port)
-                    .into_connection_info()
-                    .ok()
-                    .map(|info| info.set_redis_settings(nodes[0].redis_settings().clone()))
-            })
-            .collect();
-        for node in nodes.iter().chain(&known) {
-            if let Ok(Ok(found)) = tokio::time::timeout(ASK_EVERY * 2, slots(node)).await {
+            .as_ref()
+            .map(|m| infos(&masters(m), &login))
+            .unwrap_or_default();
+        let candidates: Vec<ConnectionInfo> = nodes.iter().chain(&known).cloned().collect();
+        direct.keep(&candidates).await;
+        for node in &candidates {
+            if let Ok(Ok(found)) = tokio::time::timeout(ASK_EVERY * 2, slots(&direct, node)).await {
                 if map.borrow().as_ref() != Some(&found) {
                     map.send_replace(Some(found));
                 }
@@ -55,17 +97,23 @@ pub(super) async fn watch_slots(
     }
 }
 
-async fn slots(node: &ConnectionInfo) -> RedisResult<SlotMap> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(ASK_EVERY))
-        .set_response_timeout(Some(ASK_EVERY));
-    let mut conn = redis::Client::open(node.clone())?
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?;
-    let entries: Vec<Vec<Value>> = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query_async(&mut conn)
-        .await?;
+/// How to reach each of `masters`, logged in as `login`.
+fn infos(masters: &[(String, u16)], login: &RedisConnectionInfo) -> Vec<ConnectionInfo> {
+    masters
+        .iter()
+        .filter_map(|(host, port)| {
+            redis::ConnectionAddr::Tcp(host.clone(), *port)
+                .into_connection_info()
+                .ok()
+                .map(|info| info.set_redis_settings(login.clone()))
+        })
+        .collect()
+}
+
+async fn slots(direct: &Direct, node: &ConnectionInfo) -> RedisResult<SlotMap> {
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SLOTS");
+    let entries: Vec<Vec<Value>> = direct.query(node, &cmd).await?;
     let mut map = SlotMap::new();
     for entry in entries {
         // first, last, [host, port, id, ...] of the master, then the replicas.
@@ -154,26 +202,32 @@ pub(super) async fn each_channel(
     .map(drop)
 }
 
-/// PINGs each master of `map`, on connections of its own: a master that is down (not
-/// yet replaced) fails it. Not through the cluster connection, which would take the
-/// failed attempt as a reason to reload its slot map every time.
-pub(super) async fn ping_masters(
-    map: &SlotMap,
-    node: &redis::RedisConnectionInfo,
-) -> RedisResult<()> {
-    for (host, port) in masters(map) {
-        let info = redis::ConnectionAddr::Tcp(host, port)
-            .into_connection_info()?
-            .set_redis_settings(node.clone());
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(ASK_EVERY))
-            .set_response_timeout(Some(ASK_EVERY));
-        let mut conn = redis::Client::open(info)?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        redis::cmd("PING").query_async::<Value>(&mut conn).await?;
+/// PINGs each master of a slot map, on connections of its own: a master that is down
+/// (not yet replaced) fails it. Not through the cluster connection, which would take
+/// the failed attempt as a reason to reload its slot map every time.
+pub struct Pinger {
+    direct: Direct,
+    login: RedisConnectionInfo,
+}
+
+impl Pinger {
+    pub(super) fn new(login: RedisConnectionInfo) -> Self {
+        Self {
+            direct: Direct::default(),
+            login,
+        }
     }
-    Ok(())
+
+    pub(super) async fn ping_masters(&self, map: &SlotMap) -> RedisResult<()> {
+        let nodes = infos(&masters(map), &self.login);
+        self.direct.keep(&nodes).await;
+        for node in &nodes {
+            self.direct
+                .query::<Value>(node, &redis::cmd("PING"))
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// A key that hashes into `first..=last`.

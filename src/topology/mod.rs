@@ -196,7 +196,11 @@ impl Redis {
                     .first()
                     .map(|n| n.redis_settings().clone())
                     .unwrap_or_default();
-                Ok(Link::Cluster(conn, slots, Arc::new(node)))
+                Ok(Link::Cluster(
+                    conn,
+                    slots,
+                    Arc::new(cluster::Pinger::new(node)),
+                ))
             }
         }
     }
@@ -257,11 +261,11 @@ async fn unsubscribe(
 pub enum Link {
     Single(ConnectionManager),
     Sentinel(Arc<sentinel::Follower>),
-    /// With the cluster's slot map, as last read, and how to log in to a node.
+    /// With the cluster's slot map, as last read, and what checks its masters.
     Cluster(
         ClusterConnection,
         watch::Receiver<Option<cluster::SlotMap>>,
-        Arc<RedisConnectionInfo>,
+        Arc<cluster::Pinger>,
     ),
 }
 
@@ -294,10 +298,10 @@ impl Link {
     /// Whether the master answers; on a Cluster, every master of the slot map (a
     /// master that died is in it until its replica has taken over).
     pub async fn ping(&mut self) -> RedisResult<()> {
-        if let Self::Cluster(_, slots, node) = self {
+        if let Self::Cluster(_, slots, pinger) = self {
             let map = slots.borrow().clone();
             return match map {
-                Some(map) => cluster::ping_masters(&map, node).await,
+                Some(map) => pinger.ping_masters(&map).await,
                 None => Err(std::io::Error::new(
                     std::io::ErrorKind::NotConnected,
                     "no cluster node has answered yet",
