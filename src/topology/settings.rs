@@ -123,17 +123,11 @@ fn addresses(var: &'static str, list: &str) -> Result<Vec<ConnectionInfo>, Confi
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
-    use crate::config::Config;
+    use crate::config::{Config, ConfigError};
     use crate::topology::Topology;
 
-    fn config(vars: &[(&str, &str)]) -> Result<Config, crate::config::ConfigError> {
-        let vars: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Config::from_lookup(|k| vars.get(k).cloned())
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_pairs(vars)
     }
 
     #[test]

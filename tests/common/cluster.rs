@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use super::redis_server::RedisNode;
-use super::{WAIT, free_port, wait_until};
+use super::{WAIT, free_port, try_conn, wait_until};
 
 pub struct RedisCluster {
     pub nodes: Vec<RedisNode>,
@@ -84,13 +84,11 @@ impl RedisCluster {
         }
         wait_until("every node sees the cluster ok", || async {
             for node in &cluster.nodes {
-                let mut conn = node.conn().await;
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query_async(&mut conn)
+                if !node
+                    .info(&["CLUSTER", "INFO"])
                     .await
-                    .unwrap_or_default();
-                if !info.contains("cluster_state:ok") {
+                    .contains("cluster_state:ok")
+                {
                     return false;
                 }
             }
@@ -101,13 +99,7 @@ impl RedisCluster {
         wait_until("every replica is in sync", || async {
             let mut synced = 0;
             for node in &cluster.nodes {
-                let mut conn = node.conn().await;
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or_default();
-                synced += usize::from(info.contains("master_link_status:up"));
+                synced += usize::from(node.in_sync().await);
             }
             synced == 3
         })
@@ -139,13 +131,7 @@ impl RedisCluster {
     /// Which master port serves each slot range, from a node that is up.
     pub async fn masters(&self) -> HashMap<u16, Vec<(u16, u16)>> {
         for node in &self.nodes {
-            let Ok(client) = redis::Client::open(node.url()) else {
-                continue;
-            };
-            let Ok(mut conn) = client
-                .get_multiplexed_async_connection_with_config(&super::patient())
-                .await
-            else {
+            let Some(mut conn) = try_conn(&node.url()).await else {
                 continue;
             };
             // Each entry: from, to, [ip, port, id, ...] of the master, then replicas.
@@ -170,9 +156,23 @@ impl RedisCluster {
         panic!("no cluster node answers");
     }
 
-    /// The master port serving `key` (a channel name is hashed as a key).
+    /// The master port serving `key` (a channel name is hashed as a key), as Redis
+    /// itself computes the slot (`CLUSTER KEYSLOT`).
     pub async fn master_of(&self, key: &str) -> u16 {
-        let slot = slot(key);
+        let mut slot = None;
+        for node in &self.nodes {
+            if let Some(mut conn) = try_conn(&node.url()).await
+                && let Ok(s) = redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(key)
+                    .query_async::<u16>(&mut conn)
+                    .await
+            {
+                slot = Some(s);
+                break;
+            }
+        }
+        let slot = slot.expect("a cluster node answers");
         self.masters()
             .await
             .into_iter()
@@ -191,25 +191,4 @@ impl Drop for RedisCluster {
         self.nodes.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Redis Cluster's key slot: CRC16 (XMODEM) of the key, or of its `{hash tag}`.
-pub fn slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
-        let close = bytes[open + 1..].iter().position(|&b| b == b'}')?;
-        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
-    });
-    let mut crc: u16 = 0;
-    for &b in tagged.unwrap_or(bytes) {
-        crc ^= (b as u16) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16_384
 }

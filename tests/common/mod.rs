@@ -36,11 +36,18 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A connection to a test Redis by URL, for tasks that cannot borrow the server.
 pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    try_conn(url)
+        .await
+        .unwrap_or_else(|| panic!("no connection to {url}"))
+}
+
+/// A connection to a Redis node that may be down or still coming up: `None` then.
+pub async fn try_conn(url: &str) -> Option<redis::aio::MultiplexedConnection> {
     redis::Client::open(url)
-        .unwrap()
+        .ok()?
         .get_multiplexed_async_connection_with_config(&patient())
         .await
-        .unwrap()
+        .ok()
 }
 
 /// One HTTP client for all viewers of a test process: building one costs tens of

@@ -12,7 +12,7 @@ use super::{free_port, redis_conn};
 /// A `redis-server` owned by one test; killed when dropped.
 pub struct RedisServer {
     pub port: u16,
-    child: Option<Child>,
+    node: RedisNode,
     /// Where an append-only file keeps the data across kills and restarts, if any.
     dir: Option<PathBuf>,
 }
@@ -34,86 +34,46 @@ impl RedisServer {
     async fn start_in(dir: Option<PathBuf>) -> Self {
         for _ in 0..20 {
             let port = free_port();
-            let mut server = Self {
-                port,
-                child: None,
-                dir: dir.clone(),
-            };
-            if server.spawn().await {
-                return server;
+            let mut args: Vec<String> = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            match &dir {
+                Some(dir) => {
+                    args.extend(
+                        ["--appendonly", "yes", "--appendfsync", "always", "--dir"]
+                            .map(String::from),
+                    );
+                    args.push(dir.display().to_string());
+                }
+                None => args.extend(["--appendonly", "no"].map(String::from)),
             }
-            server.dir = None;
+            if let Some(node) = RedisNode::start(port, args).await {
+                return Self { port, node, dir };
+            }
         }
         panic!("could not start redis-server (is it installed? .ci/run installs it)");
     }
 
-    /// Spawns on `self.port`; false if it did not come up (port taken).
-    async fn spawn(&mut self) -> bool {
-        let mut command = Command::new("redis-server");
-        command
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", ""])
-            .args(["--protected-mode", "no", "--loglevel", "warning"]);
-        match &self.dir {
-            Some(dir) => command
-                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-                .arg(dir),
-            None => command.args(["--appendonly", "no"]),
-        };
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server must be on PATH (.ci/run installs it)");
-        self.child = Some(child);
-        for _ in 0..200 {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let _ = status;
-                self.child = None;
-                return false;
-            }
-            if self.ping().await {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        false
-    }
-
-    async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
-        match client
-            .get_multiplexed_async_connection_with_config(&super::patient())
-            .await
-        {
-            Ok(mut c) => redis::cmd("PING")
-                .query_async::<String>(&mut c)
-                .await
-                .is_ok(),
-            Err(_) => false,
-        }
-    }
-
     /// Kills the server, as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.node.kill();
     }
 
     /// Starts it again on the same port.
     pub async fn restart(&mut self) {
-        self.kill();
-        for _ in 0..100 {
-            if self.spawn().await {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("redis-server did not restart on port {}", self.port);
+        self.node.restart().await;
     }
 
     pub fn url(&self) -> String {
@@ -200,6 +160,26 @@ impl RedisNode {
         redis_conn(&self.url()).await
     }
 
+    /// What `command` (`INFO replication`, `CLUSTER INFO`) says; empty if it does not
+    /// answer.
+    pub async fn info(&self, command: &[&str]) -> String {
+        let Some(mut conn) = super::try_conn(&self.url()).await else {
+            return String::new();
+        };
+        redis::cmd(command[0])
+            .arg(&command[1..])
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// A replica whose link to its master is up.
+    pub async fn in_sync(&self) -> bool {
+        self.info(&["INFO", "replication"])
+            .await
+            .contains("master_link_status:up")
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -228,17 +208,11 @@ impl Drop for RedisNode {
 }
 
 async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
-    match client
-        .get_multiplexed_async_connection_with_config(&super::patient())
-        .await
-    {
-        Ok(mut c) => redis::cmd("PING")
+    match super::try_conn(url).await {
+        Some(mut c) => redis::cmd("PING")
             .query_async::<String>(&mut c)
             .await
             .is_ok(),
-        Err(_) => false,
+        None => false,
     }
 }

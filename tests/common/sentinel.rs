@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::redis_server::RedisNode;
-use super::{free_port, redis_conn, wait_until};
+use super::{free_port, redis_conn, try_conn, wait_until};
 
 pub const MASTER_NAME: &str = "chat-sync-master";
 
@@ -37,13 +37,7 @@ impl SentinelGroup {
         };
         // A failover needs the replica in sync and the sentinels aware of each other.
         wait_until("the replica is in sync", || async {
-            let mut conn = group.nodes[1].conn().await;
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            info.contains("master_link_status:up")
+            group.nodes[1].in_sync().await
         })
         .await;
         for s in &group.sentinels {
@@ -82,26 +76,8 @@ impl SentinelGroup {
 
     /// The port of the master the sentinels name now.
     pub async fn master_port(&self) -> Option<u16> {
-        for s in &self.sentinels {
-            let Ok(client) = redis::Client::open(s.url()) else {
-                continue;
-            };
-            let Ok(mut conn) = client
-                .get_multiplexed_async_connection_with_config(&super::patient())
-                .await
-            else {
-                continue;
-            };
-            let answer: redis::RedisResult<Option<(String, u16)>> = redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg(MASTER_NAME)
-                .query_async(&mut conn)
-                .await;
-            if let Ok(Some((_, port))) = answer {
-                return Some(port);
-            }
-        }
-        None
+        let urls: Vec<String> = self.sentinels.iter().map(RedisNode::url).collect();
+        master_port(&urls).await
     }
 
     /// The node that is master now.
@@ -115,6 +91,25 @@ impl SentinelGroup {
             .find(|n| n.port == port)
             .expect("the master is one of ours")
     }
+}
+
+/// The port of the master that the first sentinel of `sentinels` to answer names, as a
+/// tenant asks for it.
+pub async fn master_port(sentinels: &[String]) -> Option<u16> {
+    for url in sentinels {
+        let Some(mut conn) = try_conn(url).await else {
+            continue;
+        };
+        let answer: redis::RedisResult<Option<(String, u16)>> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(MASTER_NAME)
+            .query_async(&mut conn)
+            .await;
+        if let Ok(Some((_, port))) = answer {
+            return Some(port);
+        }
+    }
+    None
 }
 
 impl Drop for SentinelGroup {

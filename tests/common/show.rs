@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::sentinel::MASTER_NAME;
+use super::sentinel::master_port;
 use super::{
-    ServerProcess, Subscriber, WAIT, batch, chat, get, patient, seq_of, sse_path, wait_until,
+    ServerProcess, Subscriber, WAIT, batch, chat, get, seq_of, sse_path, try_conn, wait_until,
 };
 
 /// Viewers per session.
@@ -56,11 +56,7 @@ impl Tenancy {
         match self {
             Self::Sentinel(sentinels) => {
                 let port = master_port(sentinels).await?;
-                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-                let conn = client
-                    .get_multiplexed_async_connection_with_config(&patient())
-                    .await
-                    .ok()?;
+                let conn = try_conn(&format!("redis://127.0.0.1:{port}")).await?;
                 Some(Conn::Single(conn))
             }
             Self::Cluster { nodes, .. } => redis::cluster::ClusterClientBuilder::new(nodes.clone())
@@ -88,29 +84,6 @@ impl Tenancy {
             Conn::Cluster(c) => cmd.query_async(c).await,
         }
     }
-}
-
-pub async fn master_port(sentinels: &[String]) -> Option<u16> {
-    for url in sentinels {
-        let Ok(client) = redis::Client::open(url.as_str()) else {
-            continue;
-        };
-        let Ok(mut conn) = client
-            .get_multiplexed_async_connection_with_config(&patient())
-            .await
-        else {
-            continue;
-        };
-        let answer: redis::RedisResult<Option<(String, u16)>> = redis::cmd("SENTINEL")
-            .arg("get-master-addr-by-name")
-            .arg(MASTER_NAME)
-            .query_async(&mut conn)
-            .await;
-        if let Ok(Some((_, port))) = answer {
-            return Some(port);
-        }
-    }
-    None
 }
 
 /// One show on one chat-sync instance: viewers, a publisher and a readiness probe.
