@@ -3,6 +3,7 @@
 #   bench/run.sh                 # all scenarios, 3 runs each (RUNS, DURATION, SCENARIOS to change)
 #   SCENARIOS=nginx-rooms bench/run.sh   # latency through deploy/nginx.conf, 3 instances
 #   SCENARIOS="nginx-big-room hot-room" bench/run.sh   # one big room on one instance, or spread
+#   BASELINE=HEAD~1 bench/run.sh # also runs chat-sync built from that commit, in the same run
 # Prints one table (medians, and chat-sync/Nchan ratios) and keeps the raw JSON lines
 # in bench/results/. Each run starts a fresh server; the load generator is one
 # single-threaded process, so it uses one core and leaves the other to the server.
@@ -11,7 +12,10 @@ cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-10}
-SCENARIOS=${SCENARIOS:-"big-room chat-storm many-rooms idle nginx-rooms nginx-big-room hot-room"}
+SCENARIOS=${SCENARIOS:-"big-room chat-storm many-rooms idle idle-sessions nginx-rooms nginx-big-room hot-room"}
+BASELINE=${BASELINE:-}
+# Scenarios Nchan runs in (its big room takes minutes: it falls far behind).
+NCHAN_SCENARIOS=${NCHAN_SCENARIOS:-"big-room chat-storm many-rooms idle idle-sessions"}
 TICK_MS=${TICK_MS:-24}
 
 missing=()
@@ -24,6 +28,7 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 cargo build --release -q -p chat-sync -p loadgen
+chat_sync_bin=target/release/chat-sync
 
 # The load generator opens thousands of streams and sessions from a few loopback
 # addresses: the per-client limits, meant for the public side, are lifted.
@@ -36,8 +41,19 @@ work=$(mktemp -d)
 mkdir -p bench/results "$work/logs"
 out="bench/results/$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -z "$BASELINE" ] || git worktree remove --force "$work/baseline" 2>/dev/null || true
+  rm -rf "$work"
+}
 trap cleanup EXIT
+
+# The baseline: the same server built from another commit, measured in the same run.
+if [ -n "$BASELINE" ]; then
+  git worktree add -q --detach "$work/baseline" "$BASELINE"
+  (cd "$work/baseline" && cargo build --release -q -p chat-sync --target-dir "$OLDPWD/target/baseline")
+  base_bin="$PWD/target/baseline/release/chat-sync"
+fi
 
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --loglevel warning >/dev/null &
@@ -50,6 +66,8 @@ scenario_args() {
     chat-storm) echo "--connections 1000 --sessions 1 --rate 2000" ;;
     many-rooms) echo "--connections 5000 --sessions 1000 --rate 1000 --connect-rate 5000" ;;
     idle)       echo "--connections 19000 --sessions 1000 --rate 0 --connect-rate 4000 --source 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4" ;;
+    # Many quiet sessions: what the server spends when nothing is said (heartbeats only).
+    idle-sessions) echo "--connections 10000 --sessions 10000 --rate 0 --connect-rate 4000 --source 127.0.0.1,127.0.0.2" ;;
     # What the scale-out test used to time: 200 sessions x 3 viewers through nginx.
     nginx-rooms) echo "--connections 600 --sessions 200 --rate 200 --connect-rate 2000" ;;
     # The big room through deploy/nginx.conf in its hot-session mode (every session
@@ -61,12 +79,15 @@ scenario_args() {
   esac
 }
 
+start_chat_sync_base() { start_chat_sync "$base_bin"; }
+
 start_chat_sync() {
+  local bin=${1:-$chat_sync_bin}
   port=$(free_port)
   # One worker thread, as Nchan gets one worker process: the load generator needs
   # the other core of a two-core machine.
   REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$port BIND_ADDR=127.0.0.1 TICK_MS=$TICK_MS \
-    WORKER_THREADS=${WORKER_THREADS:-1} RUST_LOG=warn target/release/chat-sync 2>>"$work/logs/chat-sync.log" &
+    WORKER_THREADS=${WORKER_THREADS:-1} RUST_LOG=warn "$bin" 2>>"$work/logs/chat-sync.log" &
   server_pids=$!
   pids+=($!)
   wait_port "$port"
@@ -132,16 +153,21 @@ stop_server() {
 for run in $(seq "$RUNS"); do
   for scenario in $SCENARIOS; do
     targets="chat-sync nchan"; HOT=0
+    [ -n "$BASELINE" ] && targets="chat-sync chat-sync-base nchan"
+    [[ " $NCHAN_SCENARIOS " == *" $scenario "* ]] || targets=${targets% nchan}
     case "$scenario" in nginx-rooms | nginx-big-room) targets="chat-sync-nginx" ;; esac
     [ "$scenario" = hot-room ] && targets="chat-sync-nginx" && HOT=1
     for target in $targets; do
       settle_ports
       "start_${target//-/_}"
       duration=$DURATION; [ "$scenario" = idle ] && duration=3
+      # Long enough for a round of heartbeats (every 15 s by default).
+      [ "$scenario" = idle-sessions ] && duration=16
       echo "run $run/$RUNS: $scenario on $target" >&2
       # shellcheck disable=SC2046
       target/release/loadgen $target_args $(scenario_args "$scenario") --duration "$duration" \
-        --run "$run" --server-pid "$server_pids" --label "$scenario" >>"$out" \
+        --run "$run" --server-pid "$server_pids" --label "$scenario" \
+        | sed "s/^{/{\"server\":\"$target\",/" >>"$out" \
         || echo "  (loadgen failed: see above)" >&2
       stop_server
     done

@@ -11,7 +11,9 @@ for line in open(sys.argv[1]):
     line = line.strip()
     if line.startswith("{"):
         r = json.loads(line)
-        rows[(r["label"], r["target"])].append(r)
+        # Which server: chat-sync (this commit), chat-sync-base (BASELINE), nchan, ...
+        server = r.get("server", {"ChatSync": "chat-sync", "Nchan": "nchan"}[r["target"]])
+        rows[(r["label"], server)].append(r)
 
 
 def med(runs, f):
@@ -30,6 +32,8 @@ COLUMNS = [
     ("p99.9 ms", lambda rs: med(rs, lambda r: r["latency_ms"]["p999"]), "{:.1f}"),
     ("max ms", lambda rs: med(rs, lambda r: r["latency_ms"]["max"]), "{:.1f}"),
     ("server CPU µs/msg", lambda rs: med(rs, lambda r: r["server_cpu_us_per_delivery"]), "{:.3f}"),
+    ("server CPU µs/event", lambda rs: med(rs, lambda r: r["server_cpu_secs"] * 1e6 / max(r["events"], 1)), "{:.2f}"),
+    ("server % of a core", lambda rs: med(rs, lambda r: 100 * r["server_cpu_secs"] / r["window_secs"]), "{:.1f}"),
     ("server RSS KiB/conn", lambda rs: med(rs, lambda r: r["server_rss_kib_per_connection"]), "{:.2f}"),
     ("loadgen CPU µs/msg", lambda rs: med(rs, lambda r: r["loadgen_cpu_us_per_delivery"]), "{:.3f}"),
 ]
@@ -41,36 +45,40 @@ for (label, _) in rows:
     if label not in scenarios:
         scenarios.append(label)
 for label in scenarios:
-    for target in ("ChatSync", "Nchan"):
-        rs = rows.get((label, target))
+    for server in ("chat-sync", "chat-sync-base", "chat-sync-nginx", "nchan"):
+        rs = rows.get((label, server))
         if not rs:
             continue
         cells = [fmt.format(f(rs)) for _, f, fmt in COLUMNS]
-        print(f"| {label} | {'chat-sync' if target == 'ChatSync' else 'nginx+Nchan'} | " + " | ".join(cells) + " |")
+        name = {"nchan": "nginx+Nchan", "chat-sync-base": "chat-sync (baseline)"}.get(server, server)
+        print(f"| {label} | {name} | " + " | ".join(cells) + " |")
 
 print()
-print("| scenario | CPU/msg chat-sync ÷ Nchan | RSS/conn chat-sync ÷ Nchan | p99 chat-sync ÷ Nchan |")
-print("|---|---|---|---|")
+print("| scenario | versus | CPU/msg ratio | RSS/conn ratio | p99 ratio |")
+print("|---|---|---|---|---|")
 for label in scenarios:
-    a, b = rows.get((label, "ChatSync")), rows.get((label, "Nchan"))
-    if not a or not b:
-        continue
+    a = rows.get((label, "chat-sync")) or rows.get((label, "chat-sync-nginx"))
+    for other in ("chat-sync-base", "nchan"):
+        b = rows.get((label, other))
+        if not a or not b:
+            continue
 
-    def ratio(f):
-        x, y = med(a, f), med(b, f)
-        return f"{x / y:.3f}" if y else "–"
+        def ratio(f):
+            x, y = med(a, f), med(b, f)
+            return f"{x / y:.3f}" if y else "–"
 
-    print(f"| {label} | {ratio(lambda r: r['server_cpu_us_per_delivery'])} | "
-          f"{ratio(lambda r: r['server_rss_kib_per_connection'])} | {ratio(lambda r: r['latency_ms']['p99'])} |")
+        print(f"| {label} | {'Nchan' if other == 'nchan' else 'baseline'} | "
+              f"{ratio(lambda r: r['server_cpu_us_per_delivery'])} | "
+              f"{ratio(lambda r: r['server_rss_kib_per_connection'])} | {ratio(lambda r: r['latency_ms']['p99'])} |")
 
-idle = rows.get(("idle", "ChatSync"))
+idle = rows.get(("idle", "chat-sync"))
 if idle:
     per = med(idle, lambda r: r["server_rss_kib_per_connection"])
     print()
     print(f"Idle projection (chat-sync, {per:.2f} KiB per connection): "
           f"100,000 connections ≈ {per * 100_000 / 1024:,.0f} MiB, "
           f"1,000,000 connections ≈ {per * 1_000_000 / 1024 / 1024:,.2f} GiB (plus the baseline).")
-    nchan = rows.get(("idle", "Nchan"))
+    nchan = rows.get(("idle", "nchan"))
     if nchan:
         n = med(nchan, lambda r: r["server_rss_kib_per_connection"])
         print(f"Idle projection (Nchan, {n:.2f} KiB per connection): "

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::fanout::Ticker;
 use crate::history::History;
 use crate::http::{self, AppState};
+use crate::lag;
 use crate::metrics::Metrics;
 use crate::net::StreamListener;
 use crate::registry::{Limits, Registry};
@@ -157,6 +158,7 @@ impl Application {
         let timeout = state.config.shutdown_timeout;
         let handover = state.config.shutdown_handover;
         tasks.spawn(ticker.run(background.clone()));
+        tasks.spawn(lag::probe(state.metrics.clone(), background.clone()));
         tasks.spawn(billing.clone().run(background.clone()));
         tasks.spawn(history.clone().run(state.config.tick, background.clone()));
 

@@ -1,9 +1,12 @@
-//! The capture-and-fan-out loop. Every tick it captures each session's inbox (exactly
-//! what is there at that instant; later arrivals wait for the next tick), frames the
-//! batch once, records it for resume and hands the same bytes to every subscriber
-//! through the session's broadcast channel. Sending never waits on a subscriber: each
-//! one reads at its own pace from the shared ring, and one that falls more than the
-//! ring's length behind is disconnected (it resumes with `Last-Event-ID`).
+//! The capture-and-fan-out loop. Every tick it captures each session that received
+//! something since its last tick (exactly what is in its inbox at that instant; later
+//! arrivals wait for the next tick), frames the batch once, records it for resume and
+//! sends the same bytes to every subscriber: written straight to the sockets of the
+//! viewers in step (`viewer`), and through the session's broadcast channel to those
+//! reading at their own pace from the shared replay buffer. Sending never waits on a
+//! subscriber; one that falls more than the channel's length behind is disconnected
+//! (it resumes with `Last-Event-ID`). Quiet sessions cost nothing per tick: only
+//! heartbeats and freeing look at them, a few times a second.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,8 +32,12 @@ pub trait Usage: Send + Sync {
     fn closed(&self, session: Uuid);
 }
 
-/// How often idle sessions are looked at for freeing; no need to do it every tick.
-const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// How often unwatched sessions are looked for, to be freed.
+const REAP_INTERVAL: Duration = Duration::from_secs(1);
+/// Quiet sessions are looked at for heartbeats this many times per heartbeat
+/// interval: a heartbeat goes out between one interval and a quarter more after the
+/// last frame, and a quiet session costs a look every few seconds, not every tick.
+const HEARTBEAT_CHECKS: u32 = 4;
 
 pub struct Ticker {
     pub registry: Arc<Registry>,
@@ -46,7 +53,7 @@ impl Ticker {
         // An overrunning tick is followed by one tick, not by a burst of catch-ups.
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut sessions = Vec::new();
-        let mut last_reap = Instant::now();
+        let (mut last_heartbeats, mut last_reap) = (Instant::now(), Instant::now());
         loop {
             tokio::select! {
                 _ = token.cancelled() => break,
@@ -54,13 +61,13 @@ impl Ticker {
             }
             let now = Instant::now();
             self.tick_once(&mut sessions, now);
+            if now.duration_since(last_heartbeats) >= self.heartbeat / HEARTBEAT_CHECKS {
+                last_heartbeats = now;
+                self.heartbeats(now);
+            }
             if now.duration_since(last_reap) >= REAP_INTERVAL {
                 last_reap = now;
-                for freed in self.registry.reap(now) {
-                    // Freed either way; `settle` only says whether it also ended.
-                    self.settle(&freed, now);
-                    self.closed(freed.id);
-                }
+                self.reap(now);
             }
             let spent = now.elapsed();
             self.registry
@@ -73,14 +80,34 @@ impl Ticker {
         tracing::debug!("ticker stopped");
     }
 
-    /// One tick over every session. `sessions` is reused between ticks so the map's
-    /// locks are held only while the handles are copied out.
+    /// One tick: captures and fans out each session that received something since its
+    /// last capture. `sessions` is reused between ticks.
     pub fn tick_once(&self, sessions: &mut Vec<Arc<Session>>, now: Instant) {
-        sessions.extend(self.registry.sessions.map.iter().map(|s| s.value().clone()));
+        self.registry.sessions.take_queued(sessions);
         for session in sessions.drain(..) {
             if self.settle(&session, now) {
                 self.closed(session.id);
             }
+        }
+    }
+
+    /// A heartbeat for each session that sent nothing for a while.
+    fn heartbeats(&self, now: Instant) {
+        for session in self.registry.sessions.map.iter() {
+            let mut outbox = session.outbox.lock().unwrap();
+            if !outbox.closed && now.duration_since(outbox.last_sent) >= self.heartbeat {
+                outbox.last_sent = now;
+                outbox.send(Signal::Heartbeat);
+            }
+        }
+    }
+
+    /// Frees the sessions unwatched for their grace period.
+    fn reap(&self, now: Instant) {
+        for freed in self.registry.reap(now) {
+            // Freed either way; `settle` only says whether it also ended.
+            self.settle(&freed, now);
+            self.closed(freed.id);
         }
     }
 
@@ -103,7 +130,7 @@ impl Ticker {
 
     /// Captures and fans out one session; returns the end payload if the session ended.
     /// A session still joining the shared history is left to fill its inbox.
-    fn capture(&self, session: &Session, now: Instant) -> Option<Bytes> {
+    fn capture(&self, session: &Arc<Session>, now: Instant) -> Option<Bytes> {
         let mut outbox = session.outbox.lock().unwrap();
         let joined = session.joined.initialized();
         let (messages, end, gaps, asks) = {
@@ -114,12 +141,13 @@ impl Ticker {
                 && end.is_none()
                 && inbox.gaps.is_empty()
                 && inbox.asks.is_empty();
-            if idle || !joined {
+            if idle {
+                return None;
+            }
+            if !joined {
+                // Left to fill until the session has joined; looked at again next tick.
                 drop(inbox);
-                if now.duration_since(outbox.last_sent) >= self.heartbeat {
-                    outbox.last_sent = now;
-                    let _ = outbox.tx.send(Signal::Heartbeat);
-                }
+                self.registry.sessions.touch(session);
                 return None;
             }
             let gaps = std::mem::take(&mut inbox.gaps);
@@ -152,7 +180,7 @@ impl Ticker {
             });
             let notice = frame::reset(id, "broker reconnected; messages may be lost");
             let seq = outbox.replay.push_notice(notice);
-            let _ = outbox.tx.send(Signal::Frame(seq));
+            outbox.send(Signal::Frame(seq));
             outbox.after_reset = true;
         }
         self.send_batch(
@@ -172,7 +200,7 @@ impl Ticker {
         outbox.last_sent = now;
         let end = end?;
         outbox.closed = true;
-        let _ = outbox.tx.send(Signal::Last(frame::end(&end)));
+        outbox.send(Signal::Last(frame::end(&end)));
         Some(end)
     }
 
@@ -189,7 +217,7 @@ impl Ticker {
             return;
         }
         let metrics = &self.registry.metrics;
-        let receivers = outbox.tx.receiver_count() as u64;
+        let receivers = outbox.receivers() as u64;
         if receivers > 0 {
             session.established.store(true, Ordering::Release);
         }
@@ -204,7 +232,7 @@ impl Ticker {
         metrics.messages_delivered.inc_by(count * receivers);
         metrics.events_delivered.inc_by(receivers);
         metrics.bytes_delivered.inc_by(bytes * receivers);
-        let _ = outbox.tx.send(Signal::Frame(seq));
+        outbox.send(Signal::Frame(seq));
     }
 }
 

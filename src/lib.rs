@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod frame;
 pub mod history;
 pub mod http;
+pub mod lag;
 pub mod limits;
 pub mod metrics;
 pub mod net;
@@ -29,6 +30,7 @@ pub mod sse;
 pub mod subscription;
 pub mod telemetry;
 pub mod topology;
+pub mod viewer;
 
 pub use app::Application;
 pub use config::Config;

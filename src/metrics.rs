@@ -34,6 +34,11 @@ pub struct Metrics {
     pub events_delivered: Counter,
     pub batch_size: Histogram,
     pub tick_seconds: Histogram,
+    pub runtime_lag: Histogram,
+    /// The latest lag seen, in milliseconds (for `/readyz`).
+    pub runtime_lag_ms: Gauge,
+    pub viewers_in_step: Gauge,
+    pub replay_bytes: Gauge,
     pub slow_subscribers: Counter,
     pub rejected_connections: Family<Reason, Counter>,
     pub broker_disconnects: Counter,
@@ -72,6 +77,10 @@ impl Metrics {
             events_delivered: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             tick_seconds: Histogram::new(exponential_buckets(0.000_01, 2.0, 18)),
+            runtime_lag: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            runtime_lag_ms: Gauge::default(),
+            viewers_in_step: Gauge::default(),
+            replay_bytes: Gauge::default(),
             slow_subscribers: Counter::default(),
             rejected_connections: Family::default(),
             broker_disconnects: Counter::default(),
@@ -147,6 +156,23 @@ impl Metrics {
             "tick_duration_seconds",
             "Time one tick spends capturing and fanning out",
             m.tick_seconds.clone(),
+        );
+        r.register(
+            "runtime_lag_seconds",
+            "How much later than asked a task of this process wakes up (measured every \
+             100 ms): how busy the runtime is, whatever keeps it busy",
+            m.runtime_lag.clone(),
+        );
+        r.register(
+            "viewers_in_step",
+            "Viewers the fan-out writes to directly, because they keep up",
+            m.viewers_in_step.clone(),
+        );
+        r.register(
+            "replay_bytes",
+            "Bytes the sessions' replay buffers hold (each bounded by REPLAY_BYTES); \
+             every viewer, live or lagging, reads its frames from there",
+            m.replay_bytes.clone(),
         );
         r.register(
             "slow_subscribers_dropped",

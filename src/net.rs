@@ -9,7 +9,8 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -17,6 +18,8 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, Sleep};
+
+use crate::viewer::Viewer;
 
 /// Detects peers that disappeared without a FIN or RST (power loss, NAT timeout).
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -88,7 +91,7 @@ impl StreamListener {
                 Ok((tcp, addr)) => {
                     configure(&tcp);
                     let io = GuardedStream {
-                        io: tcp,
+                        io: Viewer::new(tcp),
                         stall_limit: self.stall_limit,
                         stall: None,
                         stalled: self.stalled.clone(),
@@ -119,8 +122,13 @@ fn configure(tcp: &TcpStream) {
 pub struct PeerAddr(pub SocketAddr);
 
 /// A TCP stream whose writes fail once they have been blocked for `stall_limit`.
+///
+/// The socket is shared (`socket`) so that the fan-out can write a frame to an in-step
+/// viewer itself, without waking the viewer's task; the two never write at once (see
+/// `viewer`). Reads and writes here therefore go through the socket's readiness and
+/// its `&self` methods.
 pub struct GuardedStream {
-    io: TcpStream,
+    io: Arc<Viewer>,
     stall_limit: Duration,
     /// Armed only while a write is blocked, so idle connections carry no timer.
     stall: Option<Pin<Box<Sleep>>>,
@@ -134,12 +142,12 @@ impl GuardedStream {
     /// enough clear the readiness, so the next wait is for new bytes or the close.
     pub async fn peek_more(&self, buf: &mut [u8], seen: usize) -> io::Result<usize> {
         loop {
-            let ready = self.io.ready(Interest::READABLE).await?;
-            let peeked = self.io.try_io(Interest::READABLE, || {
+            let ready = self.tcp().ready(Interest::READABLE).await?;
+            let peeked = self.tcp().try_io(Interest::READABLE, || {
                 // SAFETY: viewing initialized bytes as possibly uninitialized is sound,
                 // and the kernel writes only initialized bytes into them.
                 let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-                match SockRef::from(&self.io).peek(uninit)? {
+                match SockRef::from(self.tcp()).peek(uninit)? {
                     n if n > seen || n == 0 => Ok(n),
                     _ => Err(io::ErrorKind::WouldBlock.into()),
                 }
@@ -156,15 +164,24 @@ impl GuardedStream {
         }
     }
 
+    /// The socket, for the fan-out to write to while this viewer keeps up.
+    pub fn viewer(&self) -> Arc<Viewer> {
+        self.io.clone()
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        self.io.socket()
+    }
+
     /// Resolves when the peer has closed its side or the connection failed; data it
     /// sends meanwhile (a stream's client sends none) is discarded.
     pub async fn peer_closed(&self) {
         let mut sink = [0u8; 64];
         loop {
-            if self.io.readable().await.is_err() {
+            if self.tcp().readable().await.is_err() {
                 return;
             }
-            match self.io.try_read(&mut sink) {
+            match self.tcp().try_read(&mut sink) {
                 Ok(0) => return,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -197,11 +214,26 @@ impl GuardedStream {
 
 impl AsyncRead for GuardedStream {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        loop {
+            ready!(self.tcp().poll_read_ready(cx))?;
+            // SAFETY: `try_read` writes only initialized bytes and reports how many.
+            let unfilled =
+                unsafe { &mut *(buf.unfilled_mut() as *mut [MaybeUninit<u8>] as *mut [u8]) };
+            match self.tcp().try_read(unfilled) {
+                Ok(n) => {
+                    // SAFETY: the kernel initialized the first `n` bytes.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 }
 
@@ -211,7 +243,7 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        let poll = poll_io(cx, self.tcp(), |io| io.try_write(buf));
         self.guard(cx, poll)
     }
 
@@ -220,20 +252,35 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        let poll = poll_io(cx, self.tcp(), |io| io.try_write_vectored(bufs));
         self.guard(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        true
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let poll = Pin::new(&mut self.io).poll_flush(cx);
-        self.guard(cx, poll)
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A TCP socket has nothing of its own to flush.
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(SockRef::from(self.tcp()).shutdown(std::net::Shutdown::Write))
+    }
+}
+
+/// Writes once the socket is writable, waiting (with `cx`) while it is not.
+fn poll_io(
+    cx: &mut Context<'_>,
+    io: &TcpStream,
+    mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(io.poll_write_ready(cx))?;
+        match write(io) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            other => return Poll::Ready(other),
+        }
     }
 }

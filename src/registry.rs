@@ -192,6 +192,7 @@ impl Registry {
             // subscription: then it is delivered as if it had arrived here.
             if let Ok(Some(end)) = self.broker.ended(id).await {
                 session.inbox.lock().unwrap().end.get_or_insert(end);
+                self.sessions.touch(&session);
             }
         }
         // Every viewer waits for the session to join the shared history, which the
@@ -294,6 +295,7 @@ impl Registry {
                             .replay_batches
                             .max(self.limits.subscriber_buffer),
                         self.limits.replay_bytes.max(MIN_LIVE_BYTES),
+                        self.metrics.replay_bytes.clone(),
                     ),
                 ));
                 e.insert(session.clone());
@@ -322,6 +324,7 @@ impl Registry {
                     && (!unwatched || current.subscribers.load(Ordering::Acquire) == 0);
                 if remove {
                     self.broker.unsubscribe(session.id);
+                    session.free();
                 }
                 remove
             })
@@ -384,7 +387,7 @@ impl Registry {
             }
             let mut outbox = session.outbox.lock().unwrap();
             outbox.closed = true;
-            let _ = outbox.tx.send(Signal::Last(goodbye.clone()));
+            outbox.send(Signal::Last(goodbye.clone()));
         }
         watched
     }

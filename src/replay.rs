@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::frame;
 use crate::position::Position;
@@ -46,10 +47,12 @@ pub struct ReplayBuffer {
     bytes: usize,
     max_frames: usize,
     max_bytes: usize,
+    /// Every session's `bytes`, summed (`chat_sync_replay_bytes`).
+    total: Gauge,
 }
 
 impl ReplayBuffer {
-    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
+    pub fn new(max_frames: usize, max_bytes: usize, total: Gauge) -> Self {
         Self {
             frames: VecDeque::new(),
             head: 0,
@@ -57,7 +60,13 @@ impl ReplayBuffer {
             bytes: 0,
             max_frames,
             max_bytes,
+            total,
         }
+    }
+
+    /// What it holds, counted against the byte bound.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Sequence number of the newest frame (0 before the first).
@@ -93,6 +102,7 @@ impl ReplayBuffer {
 
     fn push(&mut self, kept: Kept) -> u64 {
         self.head += 1;
+        let before = self.bytes;
         self.bytes += kept.size();
         self.frames.push_back(kept);
         // The newest frame always stays: live subscribers read it from here.
@@ -104,6 +114,7 @@ impl ReplayBuffer {
             };
             self.bytes -= old.size();
         }
+        self.total.inc_by(self.bytes as i64 - before as i64);
         self.head
     }
 
@@ -153,13 +164,19 @@ impl ReplayBuffer {
     }
 }
 
+impl Drop for ReplayBuffer {
+    fn drop(&mut self) {
+        self.total.dec_by(self.bytes as i64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Batch `i` holds message `i` (fingerprint `i`), framed as `f<i>`.
     fn buffer(max_frames: usize, max_bytes: usize, n: u64) -> ReplayBuffer {
-        let mut b = ReplayBuffer::new(max_frames, max_bytes);
+        let mut b = ReplayBuffer::new(max_frames, max_bytes, Gauge::default());
         for i in 1..=n {
             let batch = frame::Batch {
                 bytes: Bytes::from(format!("f{i}")),
@@ -196,7 +213,7 @@ mod tests {
 
     #[test]
     fn a_position_inside_a_batch_gets_the_rest_of_it() {
-        let mut b = ReplayBuffer::new(10, 1000);
+        let mut b = ReplayBuffer::new(10, 1000, Gauge::default());
         let payloads: Vec<Bytes> = ["a", "b", "c"].into_iter().map(Bytes::from).collect();
         b.push_batch(frame::batch(Position::after(3), &payloads), vec![1, 2, 3]);
         let Resume::Frames(rest) = b.since(Position::after(1)) else {

@@ -15,6 +15,7 @@ use crate::broker::{BrokerEvent, END_SUFFIX, SubscribeAck, is_join_channel};
 use crate::metrics::Metrics;
 use crate::position::Fingerprinter;
 use crate::replay::ReplayBuffer;
+use crate::viewer::Viewers;
 
 /// What a session tells its subscribers. A batch (or `reset`) is named by its place in
 /// the replay buffer, which holds its bytes once for everyone: the channel carries a
@@ -79,6 +80,8 @@ pub struct Outbox {
     /// The last frame sent was a `reset`: another one before a message would say
     /// nothing new (a broker outage is often reported more than once).
     pub after_reset: bool,
+    /// The viewers in step, whose sockets the fan-out writes to itself.
+    pub viewers: Viewers,
 }
 
 impl Outbox {
@@ -91,7 +94,25 @@ impl Outbox {
             closed: false,
             fingerprints: Fingerprinter::default(),
             after_reset: false,
+            viewers: Viewers::default(),
         }
+    }
+
+    /// Sends `signal` to every subscriber: written now to the viewers in step, and
+    /// through the channel to the others.
+    pub fn send(&mut self, signal: Signal) {
+        let (bytes, last) = match &signal {
+            // Just pushed, so still kept.
+            Signal::Frame(seq) => (self.replay.get(*seq).unwrap_or_default(), false),
+            Signal::Heartbeat => (crate::frame::HEARTBEAT, false),
+            Signal::Last(bytes) => (bytes.clone(), true),
+        };
+        self.viewers.send(&self.tx, signal, &bytes, last);
+    }
+
+    /// Everyone a frame sent now reaches.
+    pub fn receivers(&self) -> usize {
+        self.tx.receiver_count() + self.viewers.len()
     }
 }
 
@@ -113,6 +134,10 @@ pub struct Session {
     /// Set once the session joined the shared history (`history`): nothing is
     /// captured, and no viewer admitted, before.
     pub joined: tokio::sync::OnceCell<()>,
+    /// In the queue of sessions the next tick captures.
+    queued: AtomicBool,
+    /// Removed from the table: the ticker no longer captures it from its queue.
+    freed: AtomicBool,
 }
 
 impl Session {
@@ -126,7 +151,14 @@ impl Session {
             established: AtomicBool::new(false),
             subscribed,
             joined: tokio::sync::OnceCell::new(),
+            queued: AtomicBool::new(false),
+            freed: AtomicBool::new(false),
         }
+    }
+
+    /// Marks the session removed from the table (see [`Sessions::take_queued`]).
+    pub fn free(&self) {
+        self.freed.store(true, Ordering::Release);
     }
 
     /// Whether nobody has watched this session for at least `grace` (or at all, if
@@ -147,8 +179,13 @@ impl Session {
 }
 
 /// All live sessions, keyed by id. Broker events land here.
+///
+/// A session whose inbox received something is queued for the next tick, so a tick
+/// costs in proportion to the sessions that have something to send, not to all of
+/// them (most of an instance's sessions are quiet at any moment).
 pub struct Sessions {
     pub map: DashMap<Uuid, Arc<Session>>,
+    queue: Mutex<Vec<Arc<Session>>>,
     max_message_bytes: usize,
     /// Bytes a session's inbox may hold between two ticks.
     max_inbox_bytes: usize,
@@ -159,10 +196,30 @@ impl Sessions {
     pub fn new(max_message_bytes: usize, max_inbox_bytes: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             map: DashMap::new(),
+            queue: Mutex::default(),
             max_message_bytes,
             max_inbox_bytes,
             metrics,
         }
+    }
+
+    /// Queues `session` for the next tick; every change to an inbox is followed by
+    /// this.
+    pub fn touch(&self, session: &Arc<Session>) {
+        if !session.queued.swap(true, Ordering::SeqCst) {
+            self.queue.lock().unwrap().push(session.clone());
+        }
+    }
+
+    /// Moves the queued sessions into `into` (empty; its capacity is reused), leaving
+    /// out those freed since. Each is unqueued, so what arrives from here on queues it
+    /// again.
+    pub fn take_queued(&self, into: &mut Vec<Arc<Session>>) {
+        std::mem::swap(&mut *self.queue.lock().unwrap(), into);
+        into.retain(|session| {
+            session.queued.store(false, Ordering::SeqCst);
+            !session.freed.load(Ordering::Acquire)
+        });
     }
 
     /// The broker's sink: appends chat payloads and end notices to session inboxes.
@@ -176,6 +233,7 @@ impl Sessions {
                 self.metrics.broker_disconnects.inc();
                 for session in self.map.iter() {
                     session.inbox.lock().unwrap().mark_gap();
+                    self.touch(&session);
                 }
             }
             BrokerEvent::Restored { channel } => {
@@ -185,6 +243,7 @@ impl Sessions {
                     .and_then(|id| self.map.get(&id).map(|s| s.clone()))
                 {
                     session.inbox.lock().unwrap().mark_gap();
+                    self.touch(&session);
                 }
             }
         }
@@ -206,13 +265,22 @@ impl Sessions {
             self.metrics.drop_message("unknown_session");
             return;
         };
-        let mut inbox = session.inbox.lock().unwrap();
+        self.append(
+            &mut session.inbox.lock().unwrap(),
+            session.id,
+            is_end,
+            payload,
+        );
+        self.touch(&session);
+    }
+
+    fn append(&self, inbox: &mut Inbox, id: Uuid, is_end: bool, payload: Bytes) {
         if is_end {
             // An oversize end still ends the session, with the payload the publish API
             // would have sent.
             let payload = if payload.len() > self.max_message_bytes {
                 self.metrics.drop_message("oversize_end");
-                Bytes::from(serde_json::json!({ "id": session.id }).to_string())
+                Bytes::from(serde_json::json!({ "id": id }).to_string())
             } else {
                 payload
             };
@@ -242,23 +310,20 @@ impl Sessions {
             // An announcement, for a stopping instance's handover (`history`).
             return;
         }
-        let parsed = std::str::from_utf8(payload).ok().and_then(|text| {
-            let (session, ask) = text.split_once(' ')?;
-            Some((
-                Uuid::try_parse(session).ok()?,
-                u64::from_str_radix(ask, 16).ok()?,
-            ))
-        });
-        let Some((id, ask)) = parsed else {
+        let Some((id, ask)) = parse_join_request(payload) else {
             self.metrics.drop_message("bad_join_request");
             return;
         };
         if let Some(session) = self.map.get(&id).map(|s| s.clone()) {
-            let mut inbox = session.inbox.lock().unwrap();
-            if inbox.asks.len() < MAX_ASKS {
+            {
+                let mut inbox = session.inbox.lock().unwrap();
+                if inbox.asks.len() >= MAX_ASKS {
+                    return;
+                }
                 let at = inbox.messages.len();
                 inbox.asks.push((at, ask));
             }
+            self.touch(&session);
         }
     }
 }

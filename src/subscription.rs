@@ -17,12 +17,16 @@ use crate::client::ClientLimits;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::session::{Session, Signal};
+use crate::viewer::{Handoff, Viewer};
 
 /// An admitted subscriber: what to send first, then the session's live frames.
 pub struct Subscription {
     /// `retry:` advice, then replayed batches or a `reset`.
     prelude: Option<Bytes>,
-    signals: broadcast::Receiver<Signal>,
+    /// Where it reads the session's signals; `None` while the fan-out writes to it.
+    signals: Option<broadcast::Receiver<Signal>>,
+    /// Set while it is one of the session's in-step viewers (see `viewer`).
+    direct: Option<Arc<Viewer>>,
     guard: SubscriberGuard,
     /// The last frame went out, or the viewer lagged too far: nothing more.
     over: bool,
@@ -114,10 +118,41 @@ impl Subscription {
     ) -> Self {
         Self {
             prelude: Some(prelude),
-            signals,
+            signals: Some(signals),
+            direct: None,
             guard,
             over: false,
         }
+    }
+
+    /// Hands the socket to the fan-out if this viewer has caught up (nothing left to
+    /// send); false if it has not, or its stream is over.
+    pub fn go_direct(&mut self, viewer: &Arc<Viewer>) -> bool {
+        if self.prelude.is_some() || self.over {
+            return false;
+        }
+        let session = self.guard.session.clone();
+        let mut outbox = session.outbox.lock().unwrap();
+        // Frames are sent under this lock: none can fall between the check and the join.
+        if self.signals.as_ref().is_none_or(|s| !s.is_empty()) {
+            return false;
+        }
+        outbox.viewers.join(viewer.clone());
+        self.signals = None;
+        self.direct = Some(viewer.clone());
+        self.guard.slots.metrics.viewers_in_step.inc();
+        true
+    }
+
+    /// Takes the socket back from the fan-out: `rest` of a frame is to be written
+    /// first, then what [`Subscription::try_next_frame`] gives.
+    pub fn resume(&mut self, handoff: Handoff) -> Bytes {
+        if self.direct.take().is_some() {
+            self.guard.slots.metrics.viewers_in_step.dec();
+        }
+        self.over |= handoff.signals.is_none();
+        self.signals = handoff.signals;
+        handoff.rest
     }
 
     /// The next bytes to send, waiting for them; `None` once the stream is over.
@@ -126,7 +161,7 @@ impl Subscription {
             return Some(prelude);
         }
         while !self.over {
-            let signal = self.signals.recv().await;
+            let signal = self.signals.as_mut()?.recv().await;
             if let Some(bytes) = self.resolve(signal.map_err(|e| matches!(e, RecvError::Lagged(_))))
             {
                 return Some(bytes);
@@ -141,7 +176,10 @@ impl Subscription {
             return Ok(Some(prelude));
         }
         while !self.over {
-            let signal = match self.signals.try_recv() {
+            let Some(signals) = self.signals.as_mut() else {
+                return Ok(None);
+            };
+            let signal = match signals.try_recv() {
                 Err(TryRecvError::Empty) => return Ok(None),
                 other => other.map_err(|e| matches!(e, TryRecvError::Lagged(_))),
             };
@@ -182,5 +220,20 @@ impl Subscription {
         tracing::debug!("disconnecting a slow subscriber");
         self.guard.slots.metrics.slow_subscribers.inc();
         self.over = true;
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(viewer) = self.direct.take() {
+            self.guard
+                .session
+                .outbox
+                .lock()
+                .unwrap()
+                .viewers
+                .leave(&viewer);
+            self.guard.slots.metrics.viewers_in_step.dec();
+        }
     }
 }

@@ -30,6 +30,12 @@ use crate::topology::{Link, LinkOptions, Redis, Topology};
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the connection is checked.
 pub(super) const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the health PING may go unanswered before Redis counts as gone. Long on
+/// purpose: a lost connection is known at once (the crate reports the disconnection,
+/// and the PING fails), while a late reply is more often this process being busy (a
+/// big fan-out delays every task, the one reading Redis's replies included) than
+/// Redis hanging. Readiness must not flap off exactly when an instance is busiest.
+const PING_PATIENCE: Duration = Duration::from_secs(10);
 
 pub struct RedisBroker {
     commands: mpsc::UnboundedSender<Command>,
@@ -283,7 +289,7 @@ async fn run_health(mut link: Link, connected: Arc<AtomicBool>, token: Cancellat
             _ = token.cancelled() => break,
             _ = interval.tick() => {}
         }
-        let ok = tokio::time::timeout(HEALTH_INTERVAL * 2, link.ping())
+        let ok = tokio::time::timeout(PING_PATIENCE, link.ping())
             .map(|r| matches!(r, Ok(Ok(()))))
             .await;
         let was = connected.swap(ok, Ordering::AcqRel);

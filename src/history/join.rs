@@ -254,7 +254,10 @@ mod tests {
 
     #[test]
     fn installing_names_the_prefix_and_marks_the_gap() {
-        let mut outbox = Outbox::new(crate::replay::ReplayBuffer::new(100, 1 << 20), 4);
+        let mut outbox = Outbox::new(
+            crate::replay::ReplayBuffer::new(100, 1 << 20, Default::default()),
+            4,
+        );
         let plan = Plan {
             prefix: vec![msg(1), msg(2)],
             gap: true,

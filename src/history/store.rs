@@ -136,6 +136,9 @@ pub struct Snapshot {
 
 pub struct HistoryStore {
     conn: Link,
+    /// `APPEND`, sent by its hash: it is run for every session that received
+    /// something, every tick, and its text is longer than most rounds' payloads.
+    append: redis::Script,
     max_entries: usize,
     max_bytes: usize,
     ttl: Duration,
@@ -161,6 +164,7 @@ impl HistoryStore {
         )?;
         Ok(Self {
             conn,
+            append: redis::Script::new(APPEND),
             max_entries,
             max_bytes,
             ttl,
@@ -173,39 +177,22 @@ impl HistoryStore {
         &self,
         runs: &[(Uuid, Cursor, Vec<Item>)],
     ) -> redis::RedisResult<Vec<(Cursor, u64)>> {
-        let mut pipes = Vec::with_capacity(runs.len());
-        for (session, cursor, items) in runs {
-            let mut pipe = redis::pipe();
-            let (mode, prev) = match cursor {
-                Cursor::Joined(prev) => ("k", prev.map(hex).unwrap_or_default()),
-                Cursor::Gap => ("g", String::new()),
-                Cursor::Unjoined => ("u", String::new()),
-            };
-            let cmd = pipe
-                .cmd("EVAL")
-                .arg(APPEND)
-                .arg(3)
-                .arg(&keys(*session)[..])
-                .arg(self.max_entries)
-                .arg(self.max_bytes)
-                .arg(self.ttl.as_millis() as u64)
-                .arg(mode)
-                .arg(prev);
-            for item in items {
-                match item {
-                    Item::Message(fp, payload) => cmd.arg("m").arg(hex(*fp)).arg(payload.as_ref()),
-                    Item::Gap => cmd.arg("g"),
-                    Item::Ask(id) => cmd.arg("a").arg(hex(*id)),
-                };
+        let commands: Vec<redis::Cmd> = runs
+            .iter()
+            .map(|(session, cursor, items)| self.append_command(*session, *cursor, items))
+            .collect();
+        let replies = match self.send(&commands).await {
+            // A restarted (or newly promoted) Redis has forgotten the script.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut conn = self.conn.clone();
+                within(TIMEOUT, self.append.prepare_invoke().load_async(&mut conn)).await?;
+                self.send(&commands).await?
             }
-            pipes.push(pipe);
-        }
-        // One pipeline per session: on a Cluster, sessions live in different slots.
-        let replies: Vec<((String, String, u64),)> =
-            within(TIMEOUT, self.conn.each(&pipes)).await?;
+            replies => replies?,
+        };
         Ok(replies
             .into_iter()
-            .map(|((mode, prev, answered),)| {
+            .map(|(mode, prev, answered)| {
                 let cursor = match mode.as_str() {
                     "k" if prev.is_empty() => Cursor::Joined(None),
                     "k" => u64::from_str_radix(&prev, 16)
@@ -216,6 +203,58 @@ impl HistoryStore {
                 (cursor, answered)
             })
             .collect())
+    }
+
+    fn append_command(&self, session: Uuid, cursor: Cursor, items: &[Item]) -> redis::Cmd {
+        let (mode, prev) = match cursor {
+            Cursor::Joined(prev) => ("k", prev.map(hex).unwrap_or_default()),
+            Cursor::Gap => ("g", String::new()),
+            Cursor::Unjoined => ("u", String::new()),
+        };
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.append.get_hash())
+            .arg(3)
+            .arg(&keys(session)[..])
+            .arg(self.max_entries)
+            .arg(self.max_bytes)
+            .arg(self.ttl.as_millis() as u64)
+            .arg(mode)
+            .arg(prev);
+        for item in items {
+            match item {
+                Item::Message(fp, payload) => cmd.arg("m").arg(hex(*fp)).arg(payload.as_ref()),
+                Item::Gap => cmd.arg("g"),
+                Item::Ask(id) => cmd.arg("a").arg(hex(*id)),
+            };
+        }
+        cmd
+    }
+
+    /// Sends a round's appends: in one pipeline (one write and one read for the whole
+    /// round) except on a Cluster, where sessions live in different slots and each
+    /// goes on its own.
+    async fn send(
+        &self,
+        commands: &[redis::Cmd],
+    ) -> redis::RedisResult<Vec<(String, String, u64)>> {
+        if self.conn.is_cluster() {
+            let pipes: Vec<Pipeline> = commands
+                .iter()
+                .map(|cmd| {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(cmd.clone());
+                    pipe
+                })
+                .collect();
+            let replies: Vec<((String, String, u64),)> =
+                within(TIMEOUT, self.conn.each(&pipes)).await?;
+            return Ok(replies.into_iter().map(|(reply,)| reply).collect());
+        }
+        let mut pipe = redis::pipe();
+        for cmd in commands {
+            pipe.add_command(cmd.clone());
+        }
+        self.run(&pipe).await
     }
 
     /// Whether the join request `ask` was answered yet.

@@ -21,12 +21,27 @@ async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Ready while the broker is connected and the server is not shutting down: a load
-/// balancer should not send viewers to an instance that cannot feed them.
+/// Ready while this instance can take a new viewer: the broker is connected, the
+/// server is not shutting down, and it has a connection slot left. Each reason it is
+/// not is named in `unavailable`, so an operator sees why a load balancer skips it.
+/// How busy it is (`runtimeLagMs`) is reported, but does not make it unready: a busy
+/// instance still serves its viewers, and pulling it out of rotation for being busy
+/// would move its load, not remove it.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let connected = state.broker.is_connected();
     let closing = state.registry.is_closing();
-    let ready = connected && !closing;
+    let connections = state.registry.connection_count();
+    let max_connections = state.config.max_connections;
+    let full = connections >= max_connections;
+    let unavailable: Vec<&str> = [
+        (!connected, "broker disconnected"),
+        (closing, "shutting down"),
+        (full, "connection limit reached"),
+    ]
+    .into_iter()
+    .filter_map(|(yes, why)| yes.then_some(why))
+    .collect();
+    let ready = unavailable.is_empty();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -34,12 +49,15 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     };
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "unavailable" },
+        "unavailable": unavailable,
         "broker": state.broker.kind(),
         "brokerConnected": connected,
         "shuttingDown": closing,
         "sessions": state.registry.session_count(),
-        "connections": state.registry.connection_count(),
+        "connections": connections,
+        "maxConnections": max_connections,
         "pendingConnections": state.pending.count(),
+        "runtimeLagMs": state.metrics.runtime_lag_ms.get(),
     });
     (status, Json(body))
 }

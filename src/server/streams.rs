@@ -21,6 +21,8 @@ use tower::ServiceExt;
 
 use super::pending::PendingGuard;
 use crate::net::{GuardedStream, PeerAddr};
+use crate::sse::Stream;
+use crate::subscription::{StreamOver, Subscription};
 
 /// Requests for a stream start with this; everything else goes to hyper.
 pub const PREFIX: &[u8] = b"GET /api/v1/chats/sse-connect/";
@@ -79,7 +81,9 @@ pub async fn serve(
     };
     drop(pending);
     request.extensions_mut().insert(ConnectInfo(peer));
-    let Ok(response) = router.oneshot(request).await;
+    // Boxed: routing and admission take much more state than the stream that follows,
+    // and the task is sized for its largest step for as long as the stream lasts.
+    let Ok(response) = Box::pin(router.oneshot(request)).await;
     let (parts, body) = response.into_parts();
     let streaming = parts
         .headers
@@ -94,6 +98,7 @@ pub async fn serve(
         let _ = io.write_all(&[head.as_slice(), &body].concat()).await;
         return;
     }
+    let subscription = parts.extensions.get::<Stream>().and_then(Stream::take);
     if io
         .write_all(&head(&Response::from_parts(parts, ()), None))
         .await
@@ -101,6 +106,49 @@ pub async fn serve(
     {
         return;
     }
+    match subscription {
+        Some(subscription) => {
+            // The body only wraps the subscription taken here; it is not kept.
+            drop(body);
+            stream(io, subscription, abort).await;
+        }
+        None => stream_body(io, body, abort).await,
+    }
+}
+
+/// Writes the viewer's frames while it is behind, and lets the fan-out write them
+/// while it keeps up (see `viewer`); this task then only waits for the peer to close.
+async fn stream(mut io: GuardedStream, mut subscription: Subscription, abort: CancellationToken) {
+    let viewer = io.viewer();
+    loop {
+        match subscription.try_next_frame() {
+            Ok(Some(bytes)) => {
+                if io.write_all(&bytes).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(StreamOver) => break,
+        }
+        if !subscription.go_direct(&viewer) {
+            // A frame came meanwhile.
+            continue;
+        }
+        let rest = tokio::select! {
+            handoff = viewer.handed_off() => subscription.resume(*handoff),
+            () = io.peer_closed() => return,
+            () = abort.cancelled() => return,
+        };
+        if io.write_all(&rest).await.is_err() {
+            return;
+        }
+    }
+    let _ = io.shutdown().await;
+}
+
+/// A stream whose subscription is only reachable through its body.
+async fn stream_body(mut io: GuardedStream, body: Body, abort: CancellationToken) {
     let mut frames = body.into_data_stream();
     loop {
         tokio::select! {

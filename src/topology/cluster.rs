@@ -32,6 +32,8 @@ pub type SlotMap = Vec<(u16, u16, String, u16)>;
 #[derive(Default)]
 pub(super) struct Direct {
     conns: tokio::sync::Mutex<HashMap<String, MultiplexedConnection>>,
+    /// Replies may take as long as the caller waits (otherwise `ASK_EVERY`).
+    patient: bool,
 }
 
 impl Direct {
@@ -43,7 +45,7 @@ impl Direct {
             None => {
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(ASK_EVERY))
-                    .set_response_timeout(Some(ASK_EVERY));
+                    .set_response_timeout((!self.patient).then_some(ASK_EVERY));
                 let conn = redis::Client::open(node.clone())?
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?;
@@ -213,7 +215,12 @@ pub struct Pinger {
 impl Pinger {
     pub(super) fn new(login: RedisConnectionInfo) -> Self {
         Self {
-            direct: Direct::default(),
+            // The health check times its PINGs itself, patiently: a reply that is late
+            // because this process is busy does not mean the master is down.
+            direct: Direct {
+                patient: true,
+                ..Direct::default()
+            },
             login,
         }
     }

@@ -315,6 +315,11 @@ impl Link {
             .map(drop)
     }
 
+    /// Whether commands for different sessions must go separately (different slots).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(..))
+    }
+
     /// Runs each pipeline on its own (on a Cluster, one pipeline may only touch one
     /// slot; elsewhere the connection still writes them out together), all at once.
     pub async fn each<T: redis::FromRedisValue>(&self, pipes: &[Pipeline]) -> RedisResult<Vec<T>> {

@@ -152,12 +152,6 @@ async fn heartbeats_and_retry_advice_keep_idle_streams_alive() {
 }
 
 /// Reads a process's resident memory from /proc, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// A ~950-byte chat payload numbered `i`.
 fn big_payload(i: usize) -> String {
     format!(r#"{{"id":"p1","seq":{i},"message":"{}"}}"#, "x".repeat(900))
@@ -203,11 +197,12 @@ async fn publish_in_step(
     }
 }
 
-/// Publishes two equal halves past a stalled viewer and checks that the second adds
-/// less than half its size to the server's RSS: what the stalled viewer pins stops
-/// growing once the session's shared buffers are full (holding everything for it
-/// would add all of it). The stall guard is set far beyond the test so that the
-/// viewer stays attached throughout.
+/// Publishes `2 × half` messages past a stalled viewer and checks, after every chunk,
+/// that the session's shared frames stay within their bound (`REPLAY_BYTES`, at least
+/// 256 KiB, plus the newest frame). Those frames are all the stalled viewer can pin:
+/// it holds a position in them and at most the unwritten rest of one frame, never
+/// copies. The stall guard is set far beyond the test so that the viewer stays
+/// attached throughout.
 async fn assert_memory_plateaus(
     vars: &[(&str, &str)],
     half: usize,
@@ -222,28 +217,32 @@ async fn assert_memory_plateaus(
         ("SLOW_CLIENT_TIMEOUT_MS", "3600000"),
     ];
     env.extend_from_slice(vars);
+    let replay_bytes: usize = env
+        .iter()
+        .find(|(k, _)| *k == "REPLAY_BYTES")
+        .map_or(4 << 20, |(_, v)| v.parse().unwrap());
     let server = ServerProcess::spawn(&env).await;
     let room = Uuid::new_v4();
     let mut healthy = Subscriber::connect(&server.url(&sse_path(room)), None).await;
     let _stalled = stalled_viewer(server.addr(), room).await;
     let mut conn = redis.conn().await;
-
-    publish_in_step(&mut conn, room, &mut healthy, 0..half, chunk, payload).await;
-    let filled = rss_kib(server.pid());
-    publish_in_step(
-        &mut conn,
-        room,
-        &mut healthy,
-        half..2 * half,
-        chunk,
-        payload,
-    )
-    .await;
-    let grown_kib = rss_kib(server.pid()).saturating_sub(filled);
-    let half_kib = half * payload(0).len() / 1024;
+    // A frame holds at most a chunk, each payload framed with a few bytes and named.
+    let frame = chunk * (payload(2 * half).len() + 32);
+    let bound = replay_bytes.max(256 * 1024) + frame;
+    let mut most = 0.0f64;
+    for start in (0..2 * half).step_by(chunk) {
+        let end = (start + chunk).min(2 * half);
+        publish_in_step(&mut conn, room, &mut healthy, start..end, chunk, payload).await;
+        let held = server.metric("chat_sync_replay_bytes").await;
+        assert!(
+            held <= bound as f64,
+            "the replay buffer holds {held} bytes, over its bound of {bound}, after {end} messages"
+        );
+        most = most.max(held);
+    }
     assert!(
-        (grown_kib as usize) < half_kib / 2,
-        "RSS grew by {grown_kib} KiB while a further {half_kib} KiB flowed past a stalled viewer"
+        most >= replay_bytes.min(2 * half * payload(0).len()) as f64 / 2.0,
+        "the replay buffer never filled ({most} bytes): the test did not exercise the bound"
     );
     assert_eq!(
         server.metric("chat_sync_connections").await,

@@ -14,5 +14,6 @@ mod lifecycle;
 mod model;
 mod model_pair;
 mod publish_api;
+mod readiness;
 mod scale_out;
 mod startup;
