@@ -15,7 +15,7 @@ DURATION=${DURATION:-10}
 SCENARIOS=${SCENARIOS:-"big-room chat-storm many-rooms idle idle-sessions nginx-rooms nginx-big-room hot-room"}
 BASELINE=${BASELINE:-}
 # Scenarios Nchan runs in (its big room takes minutes: it falls far behind).
-NCHAN_SCENARIOS=${NCHAN_SCENARIOS:-"big-room chat-storm many-rooms idle idle-sessions"}
+NCHAN_SCENARIOS=${NCHAN_SCENARIOS-"big-room chat-storm many-rooms idle idle-sessions"}
 TICK_MS=${TICK_MS:-24}
 
 missing=()

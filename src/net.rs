@@ -176,7 +176,8 @@ impl GuardedStream {
     /// Resolves when the peer has closed its side or the connection failed; data it
     /// sends meanwhile (a stream's client sends none) is discarded.
     pub async fn peer_closed(&self) {
-        let mut sink = [0u8; 64];
+        // Small: it is part of every idle viewer's task, and a stream's client sends nothing.
+        let mut sink = [0u8; 8];
         loop {
             if self.tcp().readable().await.is_err() {
                 return;
