@@ -81,9 +81,7 @@ pub async fn serve(
     };
     drop(pending);
     request.extensions_mut().insert(ConnectInfo(peer));
-    // Boxed: routing and admission take much more state than the stream that follows,
-    // and the task is sized for its largest step for as long as the stream lasts.
-    let Ok(response) = Box::pin(router.oneshot(request)).await;
+    let Ok(response) = router.oneshot(request).await;
     let (parts, body) = response.into_parts();
     let streaming = parts
         .headers
