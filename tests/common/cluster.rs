@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::redis_server::RedisNode;
+use super::redis_server::{RedisNode, server_args};
 use super::{WAIT, free_port, try_conn, wait_until};
 
 pub struct RedisCluster {
@@ -33,33 +33,24 @@ impl RedisCluster {
             if port > 55_000 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
                 continue;
             }
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                &format!("nodes-{port}.conf"),
-                "--cluster-node-timeout",
-                "1000",
-                "--repl-diskless-sync-delay",
-                "0",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--loglevel",
-                "warning",
-                "--dir",
-                &dir.display().to_string(),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+            let (config, dir) = (format!("nodes-{port}.conf"), dir.display().to_string());
+            let args = server_args(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &config,
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    &dir,
+                ],
+            );
             if let Some(node) = RedisNode::start(port, args).await {
                 nodes.push(node);
             }

@@ -9,6 +9,25 @@ use redis::AsyncCommands;
 
 use super::{free_port, redis_conn};
 
+/// What every test `redis-server` runs with (its port on loopback, nothing saved, no
+/// protected mode, quiet logs), then `extra`.
+pub fn server_args(port: u16, extra: &[&str]) -> Vec<String> {
+    let port = port.to_string();
+    let base = [
+        "--port",
+        &port,
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--protected-mode",
+        "no",
+        "--loglevel",
+        "warning",
+    ];
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
 /// A `redis-server` owned by one test; killed when dropped.
 pub struct RedisServer {
     pub port: u16,
@@ -34,31 +53,21 @@ impl RedisServer {
     async fn start_in(dir: Option<PathBuf>) -> Self {
         for _ in 0..20 {
             let port = free_port();
-            let mut args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--protected-mode",
-                "no",
-                "--loglevel",
-                "warning",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            match &dir {
-                Some(dir) => {
-                    args.extend(
-                        ["--appendonly", "yes", "--appendfsync", "always", "--dir"]
-                            .map(String::from),
-                    );
-                    args.push(dir.display().to_string());
-                }
-                None => args.extend(["--appendonly", "no"].map(String::from)),
-            }
+            let dir_arg = dir.as_ref().map(|d| d.display().to_string());
+            let args = match &dir_arg {
+                Some(dir) => server_args(
+                    port,
+                    &[
+                        "--appendonly",
+                        "yes",
+                        "--appendfsync",
+                        "always",
+                        "--dir",
+                        dir,
+                    ],
+                ),
+                None => server_args(port, &["--appendonly", "no"]),
+            };
             if let Some(node) = RedisNode::start(port, args).await {
                 return Self { port, node, dir };
             }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::redis_server::RedisNode;
+use super::redis_server::{RedisNode, server_args};
 use super::{free_port, redis_conn, try_conn, wait_until};
 
 pub const MASTER_NAME: &str = "chat-sync-master";
@@ -123,27 +123,18 @@ impl Drop for SentinelGroup {
 async fn node(dir: &std::path::Path, extra: &[&str]) -> RedisNode {
     for _ in 0..20 {
         let port = free_port();
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-            "--loglevel",
-            "warning",
-            "--repl-diskless-sync-delay",
-            "0",
-            "--dir",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.push(dir.display().to_string());
+        let dir = dir.display().to_string();
+        let mut args = server_args(
+            port,
+            &[
+                "--appendonly",
+                "no",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--dir",
+                &dir,
+            ],
+        );
         args.extend(extra.iter().map(|s| s.to_string()));
         if let Some(node) = RedisNode::start(port, args).await {
             return node;
