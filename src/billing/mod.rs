@@ -390,6 +390,7 @@ impl Billing {
                 Answer::Lost
             }
         };
+        tracing::debug!(%session, count, key = %report.key, ?answer, "usage reported");
         let outcome = match answer {
             Answer::Accepted => "accepted",
             Answer::UnknownSession => "dropped",

@@ -16,33 +16,37 @@ redis.call('PEXPIRE', KEYS[1], window)
 if added > 0 then redis.call('HINCRBY', KEYS[2], 'pending', added) end
 return added";
 
-/// Notes our liveness (deadline now + ttl), forgets owners past theirs, and returns
-/// the owners alive. KEYS: alive. ARGV: owner, ttl ms (0: only read).
+/// Notes our liveness (deadline now + ttl), forgets owners dead for longer than the
+/// retention, and returns the owners whose deadline has passed. An owner that is not
+/// listed at all is never taken for dead: it may have started after this was read.
+/// KEYS: alive. ARGV: owner, ttl ms (0: only read), retention ms.
 pub(super) const ALIVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if tonumber(ARGV[2]) > 0 then redis.call('HSET', KEYS[1], ARGV[1], now + tonumber(ARGV[2])) end
+local retain = tonumber(ARGV[3])
 local fields = redis.call('HGETALL', KEYS[1])
-local alive = {}
+local dead = {}
 for i = 1, #fields, 2 do
-  if tonumber(fields[i + 1]) < now then
+  local deadline = tonumber(fields[i + 1])
+  if deadline < now - retain then
     redis.call('HDEL', KEYS[1], fields[i])
-  else
-    alive[#alive + 1] = fields[i]
+  elseif deadline < now then
+    dead[#dead + 1] = fields[i]
   end
 end
-return alive";
+return dead";
 
-/// Gives in-flight counts of owners not alive back, then moves `pending` (and any
-/// count of ours still in flight) into our in-flight field. Returns {taken, settled}:
-/// settled (1) when nothing is left at all. KEYS: usage. ARGV: owner, owners alive...
+/// Gives in-flight counts of dead owners back, then moves `pending` (and any count of
+/// ours still in flight) into our in-flight field. Returns {taken, settled}: settled
+/// (1) when nothing is left at all. KEYS: usage. ARGV: owner, dead owners...
 pub(super) const TAKE: &str = r"
-local alive = {}
-for i = 2, #ARGV do alive[ARGV[i]] = true end
+local dead = {}
+for i = 2, #ARGV do dead[ARGV[i]] = true end
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
   local owner = string.match(fields[i], '^inflight:(.*)$')
-  if owner and owner ~= ARGV[1] and not alive[owner] then
+  if owner and owner ~= ARGV[1] and dead[owner] then
     redis.call('HINCRBY', KEYS[1], 'pending', fields[i + 1])
     redis.call('HDEL', KEYS[1], fields[i])
   end

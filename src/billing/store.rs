@@ -12,7 +12,11 @@
 //! Reporting takes `pending` into the taker's `inflight` field; the tenant's answer
 //! either settles it (dropped) or gives it back to `pending`. Instances note their
 //! liveness in one hash (`alive`: owner → deadline); an in-flight count whose owner's
-//! deadline has passed (it died mid-report) is given back by the next taker.
+//! deadline has passed (it died mid-report) is given back by the next taker. Only an
+//! owner listed with a past deadline is dead: the list is read before the take, and
+//! an instance that started in between, and took meanwhile, is not listed yet (taking
+//! "not listed alive" for dead gave a new instance's first report to another instance
+//! as well, and the tenant was billed twice). The dead stay listed for `DEAD_RETAIN`.
 //!
 //! Sessions with anything unsettled are listed in one set, so that any instance can
 //! settle usage left by an instance that is gone. Scripts touch only one session's
@@ -45,6 +49,9 @@ const UNSETTLED_KEY: &str = "chat-sync:billing:unsettled";
 /// store (no persistence), which instances notice and report.
 const EPOCH_KEY: &str = "chat-sync:billing:epoch";
 const ALIVE_KEY: &str = "chat-sync:billing:alive";
+/// How long a dead instance stays listed as dead, so that what it left in flight is
+/// given back: every round samples unsettled sessions, so far less would do.
+const DEAD_RETAIN: Duration = Duration::from_secs(24 * 60 * 60);
 /// How long a write waits for a replica (under Sentinel or on a Cluster). A replica
 /// acknowledges within a millisecond or two; one that is down (after a failover, until
 /// the old master comes back as a replica) costs this per step of a round, and
@@ -158,7 +165,11 @@ impl UsageStore {
             &mut alive_pipe,
             ALIVE,
             &[ALIVE_KEY.into()],
-            &[owner.clone(), alive_ttl.as_millis().to_string()],
+            &[
+                owner.clone(),
+                alive_ttl.as_millis().to_string(),
+                DEAD_RETAIN.as_millis().to_string(),
+            ],
         );
         alive_pipe.ignore();
         let mut pipes = vec![epoch_pipe, alive_pipe];
@@ -202,8 +213,35 @@ impl UsageStore {
         })
     }
 
-    /// Takes what is pending for each of `sessions` for this instance to report.
+    /// Takes what is pending for each of `sessions` for this instance to report, with
+    /// what dead instances left in flight.
     pub async fn take(&self, sessions: &[Uuid]) -> redis::RedisResult<Vec<u64>> {
+        let dead = self.dead_owners().await?;
+        self.take_given(sessions, &dead).await
+    }
+
+    /// The instances whose liveness deadline has passed.
+    async fn dead_owners(&self) -> redis::RedisResult<Vec<String>> {
+        let Self::Redis { conn, owner, .. } = self else {
+            return Ok(Vec::new());
+        };
+        let mut pipe = redis::pipe();
+        eval(
+            &mut pipe,
+            ALIVE,
+            &[ALIVE_KEY.into()],
+            &[
+                owner.clone(),
+                "0".into(),
+                DEAD_RETAIN.as_millis().to_string(),
+            ],
+        );
+        let (dead,): (Vec<String>,) = run(conn, &pipe).await?;
+        Ok(dead)
+    }
+
+    /// [`UsageStore::take`] with the dead instances as listed earlier.
+    async fn take_given(&self, sessions: &[Uuid], dead: &[String]) -> redis::RedisResult<Vec<u64>> {
         match self {
             Self::Local(map) => {
                 let mut map = map.lock().unwrap();
@@ -226,16 +264,8 @@ impl UsageStore {
                 replicated,
                 ..
             } => {
-                let mut pipe = redis::pipe();
-                eval(
-                    &mut pipe,
-                    ALIVE,
-                    &[ALIVE_KEY.into()],
-                    &[owner.clone(), "0".into()],
-                );
-                let (alive,): (Vec<String>,) = run(conn, &pipe).await?;
                 let mut args = vec![owner.clone()];
-                args.extend(alive);
+                args.extend(dead.iter().cloned());
                 per_session(conn, *replicated, TAKE, sessions, &args).await
             }
         }
@@ -419,4 +449,107 @@ async fn run_each<T: redis::FromRedisValue>(
     pipes: &[Pipeline],
 ) -> redis::RedisResult<Vec<T>> {
     within(STORE_TIMEOUT, conn.each(pipes)).await
+}
+
+/// Against a real `redis-server` (started here, on a free loopback port).
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    use redis::IntoConnectionInfo;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(30);
+
+    struct Server(Child);
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A redis-server and a way to open usage stores on it as different instances.
+    async fn redis() -> (Server, Redis, TaskTracker) {
+        for _ in 0..20 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server is installed (scripts/test.sh)");
+            let server = Server(child);
+            let url = format!("redis://127.0.0.1:{port}");
+            let client = redis::Client::open(url.as_str()).unwrap();
+            for _ in 0..200 {
+                if client.get_multiplexed_async_connection().await.is_ok() {
+                    let tasks = TaskTracker::new();
+                    let topology = Topology::Single(url.into_connection_info().unwrap());
+                    let redis = Redis::start(topology, &tasks, CancellationToken::new());
+                    return (server, redis, tasks);
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn store(redis: &Redis, tasks: &TaskTracker, owner: &str, ttl: Duration) -> UsageStore {
+        UsageStore::redis(redis, tasks, owner.into(), ttl).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_new_instances_report_is_not_taken_for_a_dead_ones() {
+        let (_server, redis, tasks) = redis().await;
+        let session = Uuid::new_v4();
+        let old = store(&redis, &tasks, "old", Duration::from_secs(60));
+        old.account(&[], WINDOW).await.unwrap();
+        // `old` reads the dead before `new` starts, and takes after `new` took.
+        let dead = old.dead_owners().await.unwrap();
+        let new = store(&redis, &tasks, "new", Duration::from_secs(60));
+        new.account(&[(session, vec![1])], WINDOW).await.unwrap();
+        assert_eq!(new.take(&[session]).await.unwrap(), [1]);
+        assert_eq!(
+            old.take_given(&[session], &dead).await.unwrap(),
+            [0],
+            "new's report in flight is new's alone"
+        );
+        new.settle(&[session]).await.unwrap();
+        assert_eq!(old.take(&[session]).await.unwrap(), [0]);
+    }
+
+    #[tokio::test]
+    async fn what_a_dead_instance_left_in_flight_is_taken_once_its_deadline_passed() {
+        let (_server, redis, tasks) = redis().await;
+        let session = Uuid::new_v4();
+        let gone = store(&redis, &tasks, "gone", Duration::from_millis(300));
+        gone.account(&[(session, vec![1, 2])], WINDOW)
+            .await
+            .unwrap();
+        assert_eq!(gone.take(&[session]).await.unwrap(), [2]);
+        let other = store(&redis, &tasks, "other", Duration::from_secs(60));
+        other.account(&[], WINDOW).await.unwrap();
+        assert_eq!(other.take(&[session]).await.unwrap(), [0], "gone is alive");
+        // `gone` notes its liveness no more: once its deadline passed, its count is
+        // given back, whole, once.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let taken = loop {
+            let taken = other.take(&[session]).await.unwrap()[0];
+            if taken > 0 || Instant::now() > deadline {
+                break taken;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(taken, 2);
+        other.settle(&[session]).await.unwrap();
+        assert_eq!(other.take(&[session]).await.unwrap(), [0]);
+    }
 }

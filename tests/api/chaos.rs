@@ -217,10 +217,12 @@ impl Publisher {
                 while !stop.load(Ordering::Acquire) {
                     tick.tick().await;
                     next = (next + 1) % rooms.len();
+                    // Looked at under the gate: the end is published under it, and a
+                    // message published after the end is refused, so never billable.
+                    let _held = gate.lock().await;
                     if !open.lock().unwrap()[next] {
                         continue;
                     }
-                    let _held = gate.lock().await;
                     if conn.is_none() {
                         conn = client
                             .get_multiplexed_async_connection_with_config(&patient())
