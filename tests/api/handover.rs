@@ -106,10 +106,39 @@ async fn chat_going(vars: &[(&str, &str)]) -> (Fleet, Vec<Uuid>, Vec<(usize, Bro
 
 /// Waits until every browser is connected again and a further second of the chat
 /// (150 messages after `before`) went out.
-async fn back_and_chatting(fleet: &Fleet, publisher: &Publisher, before: u64) {
+async fn back_and_chatting(
+    fleet: &Fleet,
+    browsers: &[(usize, Browser)],
+    publisher: &Publisher,
+    before: u64,
+) {
+    /// What was last seen, shown if the wait fails.
+    struct Shown(std::sync::Mutex<String>);
+    impl Drop for Shown {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!("last seen: {}", self.0.lock().unwrap());
+            }
+        }
+    }
+    let shown = Shown(Default::default());
     wait_until("the browsers are back and the chat goes on", || async {
-        fleet.connections().await == (SESSIONS * VIEWERS_PER_SESSION) as f64
-            && publisher.sent.load(std::sync::atomic::Ordering::Relaxed) > before + 150
+        let per_instance = fleet.connections_per_instance().await;
+        let sent = publisher.sent.load(std::sync::atomic::Ordering::Relaxed);
+        let mut doing = std::collections::BTreeMap::new();
+        for (_, b) in browsers {
+            let now = (
+                b.doing.lock().unwrap().clone(),
+                b.landed.lock().unwrap().last().cloned(),
+            );
+            *doing.entry(now).or_insert(0) += 1;
+        }
+        *shown.0.lock().unwrap() = format!(
+            "streams per instance {per_instance:?}, sent {sent} of {before} + 150, \
+             browsers (doing, last landed on): {doing:?}"
+        );
+        per_instance.iter().sum::<f64>() == (SESSIONS * VIEWERS_PER_SESSION) as f64
+            && sent > before + 150
     })
     .await;
 }
@@ -160,7 +189,8 @@ async fn billed_exactly(fleet: &Fleet, rooms: &[Uuid], expected: impl Fn(usize) 
         assert_eq!(
             fleet.tenant.total(*room),
             expected(i),
-            "session {i} billed once per message"
+            "session {i} billed once per message; reports: {:?}",
+            fleet.tenant.keyed_reports(*room)
         );
     }
 }
@@ -172,7 +202,7 @@ async fn a_rolling_restart_loses_and_repeats_nothing() {
         let before = publisher.sent.load(std::sync::atomic::Ordering::Relaxed);
         fleet.restart(i).await;
         // Back before the next goes.
-        back_and_chatting(&fleet, &publisher, before).await;
+        back_and_chatting(&fleet, &browsers, &publisher, before).await;
     }
     let (counts, seen) = finish(publisher, browsers).await;
     let mut moved = 0;
@@ -202,7 +232,7 @@ async fn kill_one(standby: bool) -> Vec<(bool, usize, Vec<Seen>)> {
     let (mut fleet, rooms, browsers, publisher) = chat_going(&vars).await;
     fleet.kill_and_restart(1).await;
     let before = publisher.sent.load(std::sync::atomic::Ordering::Relaxed);
-    back_and_chatting(&fleet, &publisher, before).await;
+    back_and_chatting(&fleet, &browsers, &publisher, before).await;
     let (counts, seen) = finish(publisher, browsers).await;
     let killed_rooms: std::collections::HashSet<usize> = seen
         .iter()

@@ -96,11 +96,16 @@ impl Fleet {
 
     /// Open streams over all running instances.
     pub async fn connections(&self) -> f64 {
-        let mut sum = 0.0;
+        self.connections_per_instance().await.iter().sum()
+    }
+
+    /// Open streams on each running instance.
+    pub async fn connections_per_instance(&self) -> Vec<f64> {
+        let mut counts = Vec::new();
         for p in self.instances.iter().flatten() {
-            sum += p.metric("chat_sync_connections").await;
+            counts.push(p.metric("chat_sync_connections").await);
         }
-        sum
+        counts
     }
 
     /// Every instance stopped with SIGTERM exited cleanly.
@@ -129,6 +134,8 @@ pub struct Browser {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// The instance each connection landed on (`X-Instance-Id`), in order.
     pub landed: Arc<Mutex<Vec<String>>>,
+    /// What it is doing now, for a failing test to show.
+    pub doing: Arc<Mutex<String>>,
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -138,14 +145,21 @@ impl Browser {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let landed = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let doing = Arc::new(Mutex::new(String::from("starting")));
         let task = tokio::spawn({
-            let (seen, landed, stop) = (seen.clone(), landed.clone(), stop.clone());
+            let (seen, landed, stop, doing) =
+                (seen.clone(), landed.clone(), stop.clone(), doing.clone());
             async move {
                 let mut last: Option<String> = None;
                 while !stop.load(Ordering::Acquire) {
+                    *doing.lock().unwrap() = "connecting".into();
                     let mut viewer = match Subscriber::try_connect(&url, last.as_deref()).await {
                         Ok(v) if v.status == 200 => v,
-                        _ => {
+                        other => {
+                            *doing.lock().unwrap() = match other {
+                                Ok(v) => format!("retrying after {}", v.status),
+                                Err(e) => format!("retrying after {e}"),
+                            };
                             tokio::time::sleep(retry).await;
                             continue;
                         }
@@ -155,6 +169,7 @@ impl Browser {
                         .get("x-instance-id")
                         .map(|h| h.to_str().unwrap_or(""));
                     landed.lock().unwrap().push(at.unwrap_or("").to_string());
+                    *doing.lock().unwrap() = "reading".into();
                     while !stop.load(Ordering::Acquire) {
                         let event = match viewer.next_event_within(Duration::from_millis(200)).await
                         {
@@ -172,6 +187,7 @@ impl Browser {
                             other => seen.push(Seen::Other(other.to_string())),
                         }
                     }
+                    *doing.lock().unwrap() = "closed, waiting to reconnect".into();
                     tokio::time::sleep(retry).await;
                 }
             }
@@ -179,6 +195,7 @@ impl Browser {
         Self {
             seen,
             landed,
+            doing,
             stop,
             task,
         }

@@ -88,12 +88,36 @@ pub fn patient() -> redis::AsyncConnectionConfig {
     redis::AsyncConnectionConfig::new().set_response_timeout(None)
 }
 
+/// A free loopback port for a server a test starts, and may start again on it.
+///
+/// It is taken below the kernel's ephemeral range, because these ports are bound again
+/// later (a restarted Redis or instance, an nginx upstream): a port from that range,
+/// once let go, can become the local end of any test's outgoing connection, which
+/// then holds it for as long as that connection lives, and the restart cannot bind.
+/// Calls in one test process never return the same port twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let below = ephemeral_start().max(LOWEST + 1_000);
+    let span = below - LOWEST;
+    // Test processes running at once start at different places.
+    let offset = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = (LOWEST + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
+}
+
+/// The first port the kernel hands out for outgoing connections.
+fn ephemeral_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// The real server, in this process, on an ephemeral port.

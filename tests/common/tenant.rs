@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 #[derive(Default)]
 struct Shared {
-    /// Accepted reports: (sessionId, count).
-    accepted: Mutex<Vec<(Uuid, u64)>>,
+    /// Accepted reports: (sessionId, count, idempotency key).
+    accepted: Mutex<Vec<(Uuid, u64, String)>>,
     /// Requests answered with an error.
     refused: Mutex<u64>,
     /// The status to answer with; 200 unless a test says otherwise.
@@ -97,11 +97,20 @@ impl Tenant {
     }
 
     pub fn reports(&self, session: Uuid) -> Vec<u64> {
+        self.keyed_reports(session)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// The accepted reports of `session` with their keys (which name the instance
+    /// that sent each), for a failing test to show.
+    pub fn keyed_reports(&self, session: Uuid) -> Vec<(u64, String)> {
         let accepted = self.shared.accepted.lock().unwrap();
         accepted
             .iter()
-            .filter(|(s, _)| *s == session)
-            .map(|(_, n)| *n)
+            .filter(|(s, ..)| *s == session)
+            .map(|(_, n, key)| (*n, key.clone()))
             .collect()
     }
 
@@ -146,14 +155,14 @@ async fn billings(
         .to_str()
         .unwrap()
         .to_string();
-    if !shared.keys.lock().unwrap().insert(key) {
+    if !shared.keys.lock().unwrap().insert(key.clone()) {
         shared.repeats.fetch_add(1, Ordering::SeqCst);
         return status;
     }
     let session = Uuid::parse_str(body["sessionId"].as_str().expect("sessionId")).unwrap();
     let count = body["count"].as_u64().expect("count");
     assert!(count > 0, "a report of zero is never sent");
-    shared.accepted.lock().unwrap().push((session, count));
+    shared.accepted.lock().unwrap().push((session, count, key));
     let delay = {
         let mut slow = shared.slow.lock().unwrap();
         match slow.as_mut() {
