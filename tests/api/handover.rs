@@ -113,17 +113,33 @@ async fn back_and_chatting(
     before: u64,
 ) {
     /// What was last seen, shown if the wait fails.
-    struct Shown(std::sync::Mutex<String>);
-    impl Drop for Shown {
+    struct Shown<'a>(std::sync::Mutex<String>, &'a Fleet);
+    impl Drop for Shown<'_> {
         fn drop(&mut self) {
             if std::thread::panicking() {
                 eprintln!("last seen: {}", self.0.lock().unwrap());
+                eprintln!("nginx: {}", self.1.nginx.error_log_tail(30));
             }
         }
     }
-    let shown = Shown(Default::default());
+    let shown = Shown(Default::default(), fleet);
     wait_until("the browsers are back and the chat goes on", || async {
         let per_instance = fleet.connections_per_instance().await;
+        let mut refused = Vec::new();
+        for p in fleet.instances.iter().flatten() {
+            let text = crate::common::get(p.url("/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await;
+            refused.push(
+                text.unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.starts_with("chat_sync_connections_rejected_total"))
+                    .map(String::from)
+                    .collect::<Vec<_>>(),
+            );
+        }
         let sent = publisher.sent.load(std::sync::atomic::Ordering::Relaxed);
         let mut doing = std::collections::BTreeMap::new();
         for (_, b) in browsers {
@@ -135,7 +151,7 @@ async fn back_and_chatting(
         }
         *shown.0.lock().unwrap() = format!(
             "streams per instance {per_instance:?}, sent {sent} of {before} + 150, \
-             browsers (doing, last landed on): {doing:?}"
+             browsers (doing, last landed on): {doing:?}, refused: {refused:?}"
         );
         per_instance.iter().sum::<f64>() == (SESSIONS * VIEWERS_PER_SESSION) as f64
             && sent > before + 150
@@ -150,12 +166,35 @@ async fn finish(
     browsers: Vec<(usize, Browser)>,
 ) -> (Vec<(usize, u64)>, Vec<(usize, Vec<String>, Vec<Seen>)>) {
     let counts = publisher.stop().await;
-    wait_until("every browser got its session's last message", || async {
+    let behind = || {
         browsers
             .iter()
-            .all(|(room, b)| b.latest() == Some(counts[*room].0 - 1))
+            .filter(|(room, b)| b.latest() != Some(counts[*room].0 - 1))
+            .map(|(room, b)| {
+                let doing = b.doing.lock().unwrap().clone();
+                let landed = b.landed.lock().unwrap().clone();
+                (*room, b.latest(), counts[*room].0, doing, landed)
+            })
+            .collect::<Vec<_>>()
+    };
+    /// Shows the browsers still behind if the wait fails.
+    struct Behind<F: Fn() -> Vec<(usize, Option<usize>, usize, String, Vec<String>)>>(F);
+    impl<F: Fn() -> Vec<(usize, Option<usize>, usize, String, Vec<String>)>> Drop for Behind<F> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                eprintln!(
+                    "behind (session, latest, published, doing, landed): {:?}",
+                    (self.0)()
+                );
+            }
+        }
+    }
+    let shown = Behind(behind);
+    wait_until("every browser got its session's last message", || async {
+        (shown.0)().is_empty()
     })
     .await;
+    drop(shown);
     let seen = join_all(browsers.into_iter().map(|(room, b)| async move {
         let landed = b.landed.lock().unwrap().clone();
         (room, landed, b.close().await)

@@ -76,6 +76,17 @@ impl Nginx {
         panic!("nginx did not start");
     }
 
+    /// The last lines of nginx's error log but "no live upstreams", for a failing test
+    /// to show.
+    pub fn error_log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.dir.join("logs/error.log")).unwrap_or_default();
+        let all: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("no live upstreams"))
+            .collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
