@@ -349,6 +349,34 @@ async fn run(plan: Plan) {
             // kill loses otherwise (its last flush, for sessions only it serves) is
             // the bound the README states.
             let _quiet = publisher.gate.lock().await;
+            // PUBLISH counts b as reached once Redis has queued a message for it, which
+            // may still be on its way: a marker published now to a session only b
+            // serves arrives after everything published before it (one connection, in
+            // order), so once b's viewer has it, b has received all of it.
+            let only_b = (0..plan.sessions)
+                .find(|&i| served_by(&plan, i) == [1])
+                .expect("a session only b serves");
+            let marker = {
+                let mut counts = publisher.counts.lock().unwrap();
+                let seq = counts[only_b].0;
+                counts[only_b].0 += 1;
+                counts[only_b].1 += 1;
+                seq
+            };
+            assert_eq!(
+                redis
+                    .publish(&rooms[only_b].to_string(), &payload(only_b, marker))
+                    .await,
+                1,
+                "b serves it"
+            );
+            wait_until("b's viewers got the marker", || async {
+                viewers
+                    .iter()
+                    .filter(|(i, at, ..)| *i == only_b && *at == 1)
+                    .all(|(.., seen, _)| seen.lock().unwrap().last_seq == Some(marker))
+            })
+            .await;
             wait_until(
                 "b has captured and counted everything it received",
                 || async {
