@@ -13,16 +13,43 @@ let browser;
 before(async () => { browser = await launchBrowser(); });
 after(async () => { await browser?.close(); });
 
+// Every test below runs against a server that compresses (Chromium's EventSource asks
+// for gzip by itself) and one that does not: the page must see the same either way.
+const MODES = [
+  { label: "gzip", env: { COMPRESSION: "true" }, encoding: "gzip" },
+  { label: "plain", env: { COMPRESSION: "false" }, encoding: undefined },
+];
+
 async function openPage(url) {
   const page = await browser.newPage();
+  // How the browser received each stream, and any stream it could not decode.
+  page.streams = { encodings: [], broken: [] };
+  page.on("response", (r) => {
+    if (r.url().includes("/sse-connect/") && r.status() === 200) {
+      page.streams.encodings.push(r.headers()["content-encoding"]);
+    }
+  });
+  page.on("requestfailed", (r) => {
+    const error = r.failure()?.errorText || "";
+    if (r.url().includes("/sse-connect/") && !error.includes("ERR_ABORTED")) {
+      page.streams.broken.push(error);
+    }
+  });
   await page.goto(url);
   await page.waitForSelector("#state.live");
   return page;
 }
 
-test("500 messages published to Redis appear in the page in order, exactly once", async () => {
+/** Every stream the page opened came as `mode` says, and each ended cleanly. */
+function assertStreams(page, mode) {
+  assert.ok(page.streams.encodings.length > 0, "the page opened a stream");
+  for (const encoding of page.streams.encodings) assert.equal(encoding, mode.encoding);
+  assert.deepEqual(page.streams.broken, [], "no stream failed to decode or ended broken");
+}
+
+for (const mode of MODES) test(`500 messages published to Redis appear in the page in order, exactly once (${mode.label})`, async () => {
   const redis = await startRedis();
-  const server = await startServer({ REDIS_URL: `redis://127.0.0.1:${redis.port}` });
+  const server = await startServer({ REDIS_URL: `redis://127.0.0.1:${redis.port}`, ...mode.env });
   try {
     const room = randomUUID();
     const page = await openPage(server.url(`/#${room}`));
@@ -35,6 +62,12 @@ test("500 messages published to Redis appear in the page in order, exactly once"
     await page.waitForFunction(() => document.querySelectorAll(".msg").length >= 501);
     assert.deepEqual(await shown(page), [...sent, chat(500)]);
     assert.equal(await page.textContent("#total"), "501");
+    if (mode.encoding) {
+      // The page shows what compression saved, from the server's metrics.
+      await page.waitForFunction(() => /^\d+%$/.test(document.querySelector("#saved").textContent));
+      assert.ok(parseInt(await page.textContent("#saved"), 10) > 50, "chat compresses well");
+    }
+    assertStreams(page, mode);
     await page.close();
   } finally {
     await server.stop();
@@ -42,9 +75,9 @@ test("500 messages published to Redis appear in the page in order, exactly once"
   }
 });
 
-test("a cut connection resumes with Last-Event-ID; a restarted server resets history", async () => {
+for (const mode of MODES) test(`a cut connection resumes with Last-Event-ID; a restarted server resets history (${mode.label})`, async () => {
   const redis = await startRedis();
-  const env = { REDIS_URL: `redis://127.0.0.1:${redis.port}`, CLIENT_RETRY_MS: "200" };
+  const env = { REDIS_URL: `redis://127.0.0.1:${redis.port}`, CLIENT_RETRY_MS: "200", ...mode.env };
   let server = await startServer(env);
   const proxy = await startProxy(server.port);
   try {
@@ -73,6 +106,11 @@ test("a cut connection resumes with Last-Event-ID; a restarted server resets his
     await redis.publish(room, [chat(1000)]);
     await page.waitForFunction(() => document.querySelectorAll(".msg").length >= 302);
     assert.equal((await shown(page)).at(-1), chat(1000), "live again after the reset");
+    // The cuts broke two streams on purpose; the one the restart ended closed cleanly.
+    page.streams.broken = page.streams.broken.filter((e) => !e.includes("ERR_EMPTY_RESPONSE")
+      && !e.includes("ERR_CONNECTION_RESET") && !e.includes("ERR_INCOMPLETE_CHUNKED_ENCODING")
+      && !e.includes("ERR_CONNECTION_CLOSED"));
+    assertStreams(page, mode);
     await page.close();
   } finally {
     proxy.close();
@@ -81,9 +119,9 @@ test("a cut connection resumes with Last-Event-ID; a restarted server resets his
   }
 });
 
-test("_END shows the session ended and the browser stops reconnecting", async () => {
+for (const mode of MODES) test(`_END shows the session ended and the browser stops reconnecting (${mode.label})`, async () => {
   const redis = await startRedis();
-  const server = await startServer({ REDIS_URL: `redis://127.0.0.1:${redis.port}`, CLIENT_RETRY_MS: "200" });
+  const server = await startServer({ REDIS_URL: `redis://127.0.0.1:${redis.port}`, CLIENT_RETRY_MS: "200", ...mode.env });
   try {
     const room = randomUUID();
     const page = await openPage(server.url(`/#${room}`));
@@ -103,6 +141,7 @@ test("_END shows the session ended and the browser stops reconnecting", async ()
     await page.waitForFunction(() => window.late.readyState === EventSource.CLOSED);
     assert.equal(await server.metric("chat_sync_sse_connects_total"), connects + 1, "one attempt, answered 204");
     assert.equal(await server.metric("chat_sync_connections"), 0);
+    assertStreams(page, mode);
     await page.close();
   } finally {
     await server.stop();

@@ -109,6 +109,8 @@ pub struct Config {
     /// Also listen to every session and write the history of those served elsewhere,
     /// so that a killed instance's sessions are joined exactly.
     pub history_standby: bool,
+    /// Streams are gzip-compressed, once per session, for viewers that accept it.
+    pub compression: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -187,6 +189,7 @@ impl Config {
             handover_wait: env.millis("HANDOVER_WAIT_MS", 5_000, 0..=60_000)?,
             shutdown_handover: env.millis("SHUTDOWN_HANDOVER_MS", 10_000, 0..=600_000)?,
             history_standby: env.parse("HISTORY_STANDBY", false, "true or false")?,
+            compression: env.parse("COMPRESSION", true, "true or false")?,
         };
         if (1..position::WINDOW).contains(&config.history_messages) {
             return Err(ConfigError::Rejected {
@@ -396,6 +399,7 @@ mod tests {
             ("HISTORY_MESSAGES", "10"),
             ("HANDOVER_WAIT_MS", "soon"),
             ("HISTORY_STANDBY", "yes"),
+            ("COMPRESSION", "gzip"),
         ] {
             let err = config(&[(var, value), ("REDIS_IP", "127.0.0.1")])
                 .err()

@@ -38,6 +38,9 @@ const REAP_INTERVAL: Duration = Duration::from_secs(1);
 /// interval: a heartbeat goes out between one interval and a quarter more after the
 /// last frame, and a quiet session costs a look every few seconds, not every tick.
 const HEARTBEAT_CHECKS: u32 = 4;
+/// A session that sent nothing for this long frees its compressor (most of what a
+/// sending session holds); the next frame starts a fresh one, as a keyframe.
+const COMPRESSOR_IDLE: Duration = Duration::from_secs(1);
 
 pub struct Ticker {
     pub registry: Arc<Registry>,
@@ -91,11 +94,16 @@ impl Ticker {
         }
     }
 
-    /// A heartbeat for each session that sent nothing for a while.
+    /// A heartbeat for each session that sent nothing for a while; a session quiet
+    /// for a second gives its gzip compressor's memory back.
     fn heartbeats(&self, now: Instant) {
         for session in self.registry.sessions.map.iter() {
             let mut outbox = session.outbox.lock().unwrap();
-            if !outbox.closed && now.duration_since(outbox.last_sent) >= self.heartbeat {
+            let quiet = now.duration_since(outbox.last_sent);
+            if quiet >= COMPRESSOR_IDLE {
+                outbox.viewers.release_compressor();
+            }
+            if !outbox.closed && quiet >= self.heartbeat {
                 outbox.last_sent = now;
                 outbox.send(Signal::Heartbeat);
             }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod frame;
+pub mod gzip;
 pub mod history;
 pub mod http;
 pub mod lag;

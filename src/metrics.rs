@@ -20,6 +20,21 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// Bytes of frames sent to gzip streams, before compression and on the wire.
+#[derive(Clone, Default)]
+pub struct GzipMeter {
+    pub frames: Counter,
+    pub wire: Counter,
+}
+
+impl GzipMeter {
+    /// `viewers` were each sent a `frame` as `wire` bytes.
+    pub fn count(&self, frame: usize, wire: usize, viewers: usize) {
+        self.frames.inc_by((frame * viewers) as u64);
+        self.wire.inc_by((wire * viewers) as u64);
+    }
+}
+
 /// Every metric the server exposes; counters are cheap atomics, safe on the hot path.
 pub struct Metrics {
     registry: Registry,
@@ -30,6 +45,7 @@ pub struct Metrics {
     pub messages_dropped: Family<Reason, Counter>,
     pub messages_delivered: Counter,
     pub bytes_delivered: Counter,
+    pub gzip: GzipMeter,
     pub batches: Counter,
     pub events_delivered: Counter,
     pub batch_size: Histogram,
@@ -73,6 +89,7 @@ impl Metrics {
             messages_dropped: Family::default(),
             messages_delivered: Counter::default(),
             bytes_delivered: Counter::default(),
+            gzip: GzipMeter::default(),
             batches: Counter::default(),
             events_delivered: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
@@ -144,6 +161,16 @@ impl Metrics {
             "bytes_delivered",
             "SSE bytes handed to subscribers",
             m.bytes_delivered.clone(),
+        );
+        r.register(
+            "gzip_frame_bytes",
+            "Bytes of the frames sent to gzip streams, before compression",
+            m.gzip.frames.clone(),
+        );
+        r.register(
+            "gzip_wire_bytes",
+            "Bytes written to gzip streams: what the frames in gzip_frame_bytes became",
+            m.gzip.wire.clone(),
         );
         r.register("batches", "Batches framed by the ticker", m.batches.clone());
         r.register(

@@ -23,6 +23,7 @@ use crate::position::Position;
 use crate::replay::{ReplayBuffer, Resume};
 use crate::session::{Session, Sessions, Signal};
 use crate::subscription::{Full, Slots, SubscriberGuard, Subscription};
+use crate::viewer::Viewers;
 
 /// Why a subscriber was not admitted.
 #[derive(Debug, thiserror::Error)]
@@ -297,6 +298,7 @@ impl Registry {
                         self.limits.replay_bytes.max(MIN_LIVE_BYTES),
                         self.metrics.replay_bytes.clone(),
                     ),
+                    Viewers::new(self.metrics.gzip.clone()),
                 ));
                 e.insert(session.clone());
                 session

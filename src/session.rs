@@ -85,7 +85,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(replay: ReplayBuffer, buffer: usize) -> Self {
+    pub fn new(replay: ReplayBuffer, buffer: usize, viewers: Viewers) -> Self {
         let (tx, _) = broadcast::channel(buffer);
         Self {
             replay,
@@ -94,7 +94,7 @@ impl Outbox {
             closed: false,
             fingerprints: Fingerprinter::default(),
             after_reset: false,
-            viewers: Viewers::default(),
+            viewers,
         }
     }
 
@@ -141,11 +141,17 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(id: Uuid, subscribed: SubscribeAck, buffer: usize, replay: ReplayBuffer) -> Self {
+    pub fn new(
+        id: Uuid,
+        subscribed: SubscribeAck,
+        buffer: usize,
+        replay: ReplayBuffer,
+        viewers: Viewers,
+    ) -> Self {
         Self {
             id,
             inbox: Mutex::new(Inbox::default()),
-            outbox: Mutex::new(Outbox::new(replay, buffer)),
+            outbox: Mutex::new(Outbox::new(replay, buffer, viewers)),
             subscribers: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
             established: AtomicBool::new(false),

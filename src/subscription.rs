@@ -15,6 +15,7 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 use crate::client::ClientLimits;
 use crate::frame;
+use crate::gzip;
 use crate::metrics::Metrics;
 use crate::session::{Session, Signal};
 use crate::viewer::{Handoff, Viewer};
@@ -30,6 +31,10 @@ pub struct Subscription {
     guard: SubscriberGuard,
     /// The last frame went out, or the viewer lagged too far: nothing more.
     over: bool,
+    /// Set for a gzip stream: encodes what this task writes, and ends the stream.
+    gzip: Option<gzip::Writer>,
+    /// A last frame the fan-out left to this task (a gzip stream ends here).
+    last: Option<Bytes>,
 }
 
 /// Whose share of stream slots is taken.
@@ -122,7 +127,19 @@ impl Subscription {
             direct: None,
             guard,
             over: false,
+            gzip: None,
+            last: None,
         }
+    }
+
+    /// Makes this a gzip stream (see `gzip`).
+    pub fn compressed(mut self) -> Self {
+        self.gzip = Some(gzip::Writer::default());
+        self
+    }
+
+    pub fn is_compressed(&self) -> bool {
+        self.gzip.is_some()
     }
 
     /// Hands the socket to the fan-out if this viewer has caught up (nothing left to
@@ -137,7 +154,9 @@ impl Subscription {
         if self.signals.as_ref().is_none_or(|s| !s.is_empty()) {
             return false;
         }
-        outbox.viewers.join(viewer.clone());
+        outbox
+            .viewers
+            .join(viewer.clone(), self.gzip.as_ref().map(|w| w.sum));
         self.signals = None;
         self.direct = Some(viewer.clone());
         self.guard.slots.metrics.viewers_in_step.inc();
@@ -152,28 +171,35 @@ impl Subscription {
         }
         self.over |= handoff.signals.is_none();
         self.signals = handoff.signals;
+        if let Some(sum) = handoff.gzip {
+            self.gzip = Some(gzip::Writer::resume(sum));
+        }
+        self.last = handoff.last;
         handoff.rest
     }
 
     /// The next bytes to send, waiting for them; `None` once the stream is over.
     pub async fn next_frame(&mut self) -> Option<Bytes> {
-        if let Some(prelude) = self.prelude.take() {
-            return Some(prelude);
+        if let Some(bytes) = self.held() {
+            return Some(bytes);
         }
         while !self.over {
-            let signal = self.signals.as_mut()?.recv().await;
+            let signal = match self.signals.as_mut() {
+                Some(signals) => signals.recv().await,
+                None => Err(RecvError::Closed),
+            };
             if let Some(bytes) = self.resolve(signal.map_err(|e| matches!(e, RecvError::Lagged(_))))
             {
-                return Some(bytes);
+                return Some(self.encode(bytes));
             }
         }
-        None
+        self.end()
     }
 
     /// The next bytes to send if there are some now: `Ok(None)` if not yet.
     pub fn try_next_frame(&mut self) -> Result<Option<Bytes>, StreamOver> {
-        if let Some(prelude) = self.prelude.take() {
-            return Ok(Some(prelude));
+        if let Some(bytes) = self.held() {
+            return Ok(Some(bytes));
         }
         while !self.over {
             let Some(signals) = self.signals.as_mut() else {
@@ -184,10 +210,42 @@ impl Subscription {
                 other => other.map_err(|e| matches!(e, TryRecvError::Lagged(_))),
             };
             if let Some(bytes) = self.resolve(signal) {
-                return Ok(Some(bytes));
+                return Ok(Some(self.encode(bytes)));
             }
         }
-        Err(StreamOver)
+        self.end().map(Some).ok_or(StreamOver)
+    }
+
+    /// What is to be sent before any signal: the prelude, or a last frame left by
+    /// the fan-out.
+    fn held(&mut self) -> Option<Bytes> {
+        if let Some(prelude) = self.prelude.take() {
+            return Some(self.encode(prelude));
+        }
+        let last = self.last.take()?;
+        self.over = true;
+        Some(self.encode(last))
+    }
+
+    /// The end of a gzip stream (its trailer), once; nothing for a plain one.
+    fn end(&mut self) -> Option<Bytes> {
+        let end = self.gzip.take()?.finish();
+        self.guard.slots.metrics.gzip.count(0, end.len(), 1);
+        Some(end)
+    }
+
+    /// `frame` as this stream sends it.
+    fn encode(&mut self, frame: Bytes) -> Bytes {
+        let Some(writer) = self.gzip.as_mut() else {
+            return frame;
+        };
+        let out = writer.frame(&frame);
+        self.guard
+            .slots
+            .metrics
+            .gzip
+            .count(frame.len(), out.len(), 1);
+        out
     }
 
     /// The bytes a signal stands for; `Err(true)` means the viewer lagged.

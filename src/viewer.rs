@@ -14,12 +14,15 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use tokio::net::TcpStream;
 use tokio::sync::broadcast;
 
+use crate::gzip;
+use crate::metrics::GzipMeter;
 use crate::session::Signal;
 
 /// An accepted connection's socket, which the fan-out writes to while its viewer is
@@ -42,6 +45,11 @@ pub struct Handoff {
     /// The signals after that frame; `None` if nothing more will come (the frame
     /// was the last, or the socket failed).
     pub signals: Option<broadcast::Receiver<Signal>>,
+    /// For a gzip stream: what it has carried, including the frame `rest` is of.
+    pub gzip: Option<gzip::Sum>,
+    /// A last frame still to be encoded and written (gzip streams end in the task,
+    /// with their own trailer).
+    pub last: Option<Bytes>,
 }
 
 impl Viewer {
@@ -94,35 +102,106 @@ fn write(socket: &TcpStream, bytes: &[u8]) -> Written {
     }
 }
 
+/// Least time between two keyframes made for joining viewers: each costs the next
+/// frame the compressor's memory of what came before.
+const KEYFRAME_SPACING: Duration = Duration::from_secs(1);
+
 /// A session's in-step viewers. Lives in the outbox, so it is only touched under the
 /// outbox lock.
-#[derive(Default)]
 pub struct Viewers {
     list: Vec<Arc<Viewer>>,
+    /// Viewers sent the session's gzip stream (see `gzip`), while there are some.
+    gzip: Option<Box<Gzipped>>,
+    meter: GzipMeter,
+}
+
+/// The in-step viewers of the gzip stream, and the stream they share.
+struct Gzipped {
+    list: Vec<(Arc<Viewer>, Place)>,
+    stream: gzip::Shared,
+    last_key: Option<Instant>,
+    meter: GzipMeter,
+}
+
+/// Where a gzip viewer stands in the session's stream.
+enum Place {
+    /// Sent stored blocks until the next keyframe; what its stream carried so far.
+    Own(gzip::Sum),
+    /// Sent the shared bytes since the keyframe where its stream had carried `own`
+    /// and the session's `at`.
+    Shared { own: gzip::Sum, at: gzip::Sum },
+}
+
+impl Place {
+    /// What the viewer's stream carried, the session's having carried `stream`.
+    fn sum(&self, stream: gzip::Sum) -> gzip::Sum {
+        match self {
+            Place::Own(own) => *own,
+            Place::Shared { own, at } => own.then(stream.since(*at)),
+        }
+    }
 }
 
 impl Viewers {
+    pub fn new(meter: GzipMeter) -> Self {
+        Self {
+            list: Vec::new(),
+            gzip: None,
+            meter,
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.list.len()
+        self.list.len() + self.gzip.as_ref().map_or(0, |g| g.list.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.len() == 0
     }
 
-    pub fn join(&mut self, viewer: Arc<Viewer>) {
-        self.list.push(viewer);
+    /// Adds a viewer; `gzip`: what its gzip stream has carried so far.
+    pub fn join(&mut self, viewer: Arc<Viewer>, gzip: Option<gzip::Sum>) {
+        let Some(sum) = gzip else {
+            self.list.push(viewer);
+            return;
+        };
+        let meter = &self.meter;
+        let g = self.gzip.get_or_insert_with(|| {
+            Box::new(Gzipped {
+                list: Vec::new(),
+                stream: gzip::Shared::new(gzip::LEVEL),
+                last_key: None,
+                meter: meter.clone(),
+            })
+        });
+        g.list.push((viewer, Place::Own(sum)));
     }
 
     /// Takes `viewer` out (its stream is closing); false if the fan-out had already
     /// given its socket back.
     pub fn leave(&mut self, viewer: &Arc<Viewer>) -> bool {
-        match self.list.iter().position(|v| Arc::ptr_eq(v, viewer)) {
-            Some(at) => {
-                self.list.swap_remove(at);
-                true
-            }
-            None => false,
+        if let Some(at) = self.list.iter().position(|v| Arc::ptr_eq(v, viewer)) {
+            self.list.swap_remove(at);
+            return true;
+        }
+        let Some(g) = self.gzip.as_mut() else {
+            return false;
+        };
+        let Some(at) = g.list.iter().position(|(v, _)| Arc::ptr_eq(v, viewer)) else {
+            return false;
+        };
+        g.list.swap_remove(at);
+        if g.list.is_empty() {
+            self.gzip = None;
+        }
+        true
+    }
+
+    /// The session went quiet: its compressor's memory is given back; the next frame
+    /// starts afresh.
+    pub fn release_compressor(&mut self) {
+        if let Some(g) = self.gzip.as_mut() {
+            g.stream.release();
         }
     }
 
@@ -138,7 +217,7 @@ impl Viewers {
         bytes: &Bytes,
         last: bool,
     ) {
-        let mut behind: Vec<(Arc<Viewer>, Option<Bytes>)> = Vec::new();
+        let mut behind: Vec<Behind> = Vec::new();
         self.list.retain(|viewer| {
             let rest = match write(&viewer.socket, bytes) {
                 Written::All if !last => return true,
@@ -146,19 +225,135 @@ impl Viewers {
                 Written::Part(n) => Some(bytes.slice(n..)),
                 Written::Failed => None,
             };
-            behind.push((viewer.clone(), rest));
+            let continues = rest.is_some() && !last;
+            behind.push(Behind::new(
+                viewer,
+                rest.unwrap_or_default(),
+                continues,
+                None,
+            ));
             false
         });
+        if let Some(g) = self.gzip.as_mut() {
+            g.send(bytes, last, &mut behind);
+            if g.list.is_empty() {
+                self.gzip = None;
+            }
+        }
         let _ = tx.send(signal);
-        for (viewer, rest) in behind {
-            let signals = match &rest {
-                Some(_) if !last => Some(tx.subscribe()),
-                _ => None,
+        for Behind {
+            viewer,
+            mut handoff,
+            continues,
+        } in behind
+        {
+            if continues {
+                handoff.signals = Some(tx.subscribe());
+            }
+            viewer.hand_off(handoff);
+        }
+    }
+}
+
+/// A viewer given back to its task, and whether it goes on reading the signals
+/// (they are subscribed to once the frame was sent, to start right after it).
+struct Behind {
+    viewer: Arc<Viewer>,
+    handoff: Handoff,
+    continues: bool,
+}
+
+impl Behind {
+    /// `rest`: what the socket did not take of a frame; `continues`: more will come
+    /// (the socket did not fail, and the frame was not the last).
+    fn new(viewer: &Arc<Viewer>, rest: Bytes, continues: bool, gzip: Option<gzip::Sum>) -> Self {
+        Self {
+            viewer: viewer.clone(),
+            continues,
+            handoff: Handoff {
+                rest,
+                signals: None,
+                gzip,
+                last: None,
+            },
+        }
+    }
+}
+
+impl Gzipped {
+    fn send(&mut self, bytes: &Bytes, last: bool, behind: &mut Vec<Behind>) {
+        if self.list.is_empty() {
+            return;
+        }
+        if last {
+            // Each stream ends with its own trailer, written by its task.
+            for (viewer, place) in self.list.drain(..) {
+                let sum = place.sum(self.stream.sum);
+                let mut ends = Behind::new(&viewer, Bytes::new(), false, Some(sum));
+                ends.handoff.last = Some(bytes.clone());
+                behind.push(ends);
+            }
+            return;
+        }
+        let waiting = self.list.iter().any(|(_, p)| matches!(p, Place::Own(_)));
+        let now = Instant::now();
+        let key = !self.stream.is_running()
+            || (waiting
+                && self
+                    .last_key
+                    .is_none_or(|at| now.duration_since(at) >= KEYFRAME_SPACING));
+        if key {
+            self.last_key = Some(now);
+            let at = self.stream.sum;
+            for (_, place) in &mut self.list {
+                if let Place::Own(own) = place {
+                    *place = Place::Shared { own: *own, at };
+                }
+            }
+        }
+        let shared = self
+            .list
+            .iter()
+            .any(|(_, p)| matches!(p, Place::Shared { .. }))
+            .then(|| self.stream.compress(bytes, key));
+        if shared.is_none() {
+            self.stream.skip(bytes);
+        }
+        let stored = (waiting && !key).then(|| gzip::stored(bytes));
+        let stream = self.stream.sum;
+        let (mut shared_to, mut stored_to) = (0, 0);
+        self.list.retain_mut(|(viewer, place)| {
+            let out = match place {
+                Place::Own(own) => {
+                    own.add(bytes);
+                    stored_to += 1;
+                    stored.as_ref().expect("made for viewers waiting")
+                }
+                Place::Shared { .. } => {
+                    shared_to += 1;
+                    shared.as_ref().expect("made for viewers in step")
+                }
             };
-            viewer.hand_off(Handoff {
-                rest: rest.unwrap_or_default(),
-                signals,
-            });
+            let rest = match write(&viewer.socket, out) {
+                Written::All => return true,
+                Written::Part(n) => Some(out.slice(n..)),
+                Written::Failed => None,
+            };
+            let continues = rest.is_some();
+            let sum = place.sum(stream);
+            behind.push(Behind::new(
+                viewer,
+                rest.unwrap_or_default(),
+                continues,
+                Some(sum),
+            ));
+            false
+        });
+        if let Some(shared) = &shared {
+            self.meter.count(bytes.len(), shared.len(), shared_to);
+        }
+        if let Some(stored) = &stored {
+            self.meter.count(bytes.len(), stored.len(), stored_to);
         }
     }
 }

@@ -257,6 +257,7 @@ mod tests {
         let mut outbox = Outbox::new(
             crate::replay::ReplayBuffer::new(100, 1 << 20, Default::default()),
             4,
+            crate::viewer::Viewers::new(Default::default()),
         );
         let plan = Plan {
             prefix: vec![msg(1), msg(2)],

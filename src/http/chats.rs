@@ -1,5 +1,6 @@
 //! `GET /api/v1/chats/sse-connect/{sessionId}`: the viewers' stream.
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::HeaderMap;
@@ -20,6 +21,7 @@ async fn connect(
     State(state): State<AppState>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     Path(raw): Path<String>,
+    direct: Option<Extension<sse::Direct>>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
     let id = session_id(&raw)?;
@@ -31,6 +33,11 @@ async fn connect(
         ),
     };
     let client = client::address(peer.ip(), &headers, &state.config.trusted_proxies);
-    let subscription = state.registry.attach(id, last_event_id, client).await?;
-    Ok(sse::response(subscription))
+    let mut subscription = state.registry.attach(id, last_event_id, client).await?;
+    let compression = state.config.compression;
+    let accepts = sse::accepts_gzip(headers.get("accept-encoding").map(|v| v.as_bytes()));
+    if compression && accepts && direct.is_some() {
+        subscription = subscription.compressed();
+    }
+    Ok(sse::response(subscription, compression))
 }

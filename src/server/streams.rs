@@ -81,6 +81,7 @@ pub async fn serve(
     };
     drop(pending);
     request.extensions_mut().insert(ConnectInfo(peer));
+    request.extensions_mut().insert(crate::sse::Direct);
     let Ok(response) = router.oneshot(request).await;
     let (parts, body) = response.into_parts();
     let streaming = parts

@@ -5,6 +5,7 @@ mod common;
 
 mod billing;
 mod chaos;
+mod compression;
 mod delivery;
 mod failover;
 mod faults;

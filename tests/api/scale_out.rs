@@ -202,3 +202,33 @@ async fn a_buffering_proxy_holds_a_small_message_until_the_stream_closes() {
         "released when the upstream closed"
     );
 }
+
+/// The deploy nginx passes a gzip stream through as chat-sync sent it: not buffered
+/// (one message, one event), not re-encoded, and whole at the end.
+#[tokio::test]
+async fn through_the_deploy_nginx_a_gzip_stream_passes_as_sent() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let upstream = app.base.trim_start_matches("http://").to_string();
+    let nginx = Nginx::start(&[upstream.clone(), upstream.clone(), upstream]);
+    let room = Uuid::new_v4();
+    let mut viewer = Subscriber::connect_gzip(&nginx.url(&sse_path(room)), None).await;
+    assert_eq!(viewer.status, 200);
+    assert_eq!(viewer.headers["content-encoding"], "gzip");
+    redis.publish(&room.to_string(), &chat("a", 0)).await;
+    assert_eq!(viewer.messages(1).await, vec![chat("a", 0)]);
+    for seq in 1..30 {
+        redis.publish(&room.to_string(), &chat("a", seq)).await;
+    }
+    let rest: Vec<String> = (1..30).map(|seq| chat("a", seq)).collect();
+    assert_eq!(viewer.messages(29).await, rest);
+    redis
+        .publish(&format!("{room}_END"), &format!(r#"{{"id":"{room}"}}"#))
+        .await;
+    assert_eq!(viewer.next_event().await.unwrap().event, "end");
+    assert!(viewer.next_event().await.is_none());
+    viewer
+        .gzip_whole()
+        .unwrap()
+        .expect("the stream nginx passed on is whole, trailer right");
+}

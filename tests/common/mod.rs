@@ -292,9 +292,31 @@ impl Subscriber {
     /// As [`Subscriber::connect`], but a refused or failed connect is an error (for
     /// viewers of an instance that may be down).
     pub async fn try_connect(url: &str, last_event_id: Option<&str>) -> reqwest::Result<Self> {
+        Self::try_connect_with(url, last_event_id, &[]).await
+    }
+
+    /// As a browser does: asks for gzip (its stream is then decoded as it arrives).
+    pub async fn connect_gzip(url: &str, last_event_id: Option<&str>) -> Self {
+        Self::try_connect_with(
+            url,
+            last_event_id,
+            &[("accept-encoding", "gzip, deflate, br")],
+        )
+        .await
+        .expect("connect")
+    }
+
+    pub async fn try_connect_with(
+        url: &str,
+        last_event_id: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Result<Self> {
         let mut request = http_client().get(url);
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let response = tokio::time::timeout(WAIT, request.send())
             .await
@@ -309,6 +331,17 @@ impl Subscriber {
             last_event_id: last_event_id.map(String::from),
             batches: 0,
         })
+    }
+
+    /// For a gzip stream: everything received so far, checked whole by a strict
+    /// decoder (its trailer too, once the stream ended).
+    pub fn gzip_whole(&self) -> Option<Result<Vec<u8>, std::io::Error>> {
+        self.events.gunzip.as_ref().map(|g| g.whole())
+    }
+
+    /// For a gzip stream: how many bytes came on the wire.
+    pub fn gzip_wire_len(&self) -> Option<usize> {
+        self.events.gunzip.as_ref().map(|g| g.wire.len())
     }
 
     /// The next event, `None` when the stream closed. Panics after [`WAIT`].

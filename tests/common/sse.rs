@@ -20,6 +20,8 @@ pub struct Event {
 
 pub struct SseReader {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    /// Set for a `Content-Encoding: gzip` response: decoded as it arrives.
+    pub gunzip: Option<Gunzip>,
     buf: Vec<u8>,
     /// Bytes of `buf` already searched for an event's end.
     scanned: usize,
@@ -28,7 +30,12 @@ pub struct SseReader {
 
 impl SseReader {
     pub fn new(response: reqwest::Response) -> Self {
+        let gzip = response
+            .headers()
+            .get("content-encoding")
+            .is_some_and(|v| v == "gzip");
         Self {
+            gunzip: gzip.then(Gunzip::default),
             body: response.bytes_stream().boxed(),
             buf: Vec::new(),
             scanned: 0,
@@ -43,7 +50,13 @@ impl SseReader {
                 return Some(Ok(event));
             }
             match self.body.next().await? {
-                Ok(chunk) => self.feed(&chunk),
+                Ok(chunk) => match self.gunzip.as_mut() {
+                    Some(gunzip) => {
+                        let text = gunzip.feed(&chunk);
+                        self.feed(&text);
+                    }
+                    None => self.feed(&chunk),
+                },
                 Err(e) => return Some(Err(format!("{e:?}"))),
             }
         }
@@ -67,6 +80,60 @@ impl SseReader {
         }
         self.buf.drain(..start);
         self.scanned = self.buf.len();
+    }
+}
+
+/// A gzip body decoded as it arrives, as a browser does: the bytes of each write
+/// must decode at once, with nothing held back for later ones.
+pub struct Gunzip {
+    /// Everything received, for checking the whole stream (trailer included) at its end.
+    pub wire: Vec<u8>,
+    inflate: flate2::Decompress,
+    ended: bool,
+}
+
+impl Default for Gunzip {
+    fn default() -> Self {
+        Self {
+            wire: Vec::new(),
+            inflate: flate2::Decompress::new(false),
+            ended: false,
+        }
+    }
+}
+
+impl Gunzip {
+    const HEADER: usize = 10;
+
+    /// The text decoded from what arrived so far.
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.wire.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while !self.ended && self.wire.len() > Self::HEADER {
+            let at = Self::HEADER + self.inflate.total_in() as usize;
+            if at >= self.wire.len() {
+                break;
+            }
+            out.reserve(4 * (self.wire.len() - at) + 1024);
+            let before = (self.inflate.total_in(), out.len());
+            let status = self
+                .inflate
+                .decompress_vec(&self.wire[at..], &mut out, flate2::FlushDecompress::Sync)
+                .expect("a valid deflate stream");
+            self.ended = status == flate2::Status::StreamEnd;
+            if (self.inflate.total_in(), out.len()) == before {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The whole stream decoded by a strict decoder: its CRC and length checked.
+    pub fn whole(&self) -> Result<Vec<u8>, std::io::Error> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(self.wire.as_slice()).read_to_end(&mut out)?;
+        Ok(out)
     }
 }
 
