@@ -4,6 +4,7 @@
 #   SCENARIOS=nginx-rooms bench/run.sh   # latency through deploy/nginx.conf, 3 instances
 #   SCENARIOS="nginx-big-room hot-room" bench/run.sh   # one big room on one instance, or spread
 #   BASELINE=HEAD~1 bench/run.sh # also runs chat-sync built from that commit, in the same run
+#   SCENARIOS="gzip-big-room gzip-one-per-batch gzip-idle" bench/run.sh  # gzip vs plain viewers
 # Prints one table (medians, and chat-sync/Nchan ratios) and keeps the raw JSON lines
 # in bench/results/. Each run starts a fresh server; the load generator is one
 # single-threaded process, so it uses one core and leaves the other to the server.
@@ -75,11 +76,20 @@ scenario_args() {
     hot-room)   echo "--connections 5000 --sessions 1 --rate 200 --connect-rate 5000" ;;
     # Its baseline: the same room through the same nginx, all on one instance.
     nginx-big-room) echo "--connections 5000 --sessions 1 --rate 200 --connect-rate 5000" ;;
+    # Compression (`chat-sync-gzip`: the same server, its viewers asking for gzip), with
+    # chat messages as real ones are: a busy room (~5 messages per batch), a room
+    # quiet enough for one message per batch, and idle memory. 2,000 viewers, not the
+    # big room's 5,000: the load generator decodes every stream on its one core, and
+    # at 5,000 gzip streams it was the bottleneck (its own backlog showed as latency).
+    gzip-big-room) echo "--connections ${GZIP_VIEWERS:-2000} --sessions 1 --rate 200 --connect-rate 5000 --realistic" ;;
+    gzip-one-per-batch) echo "--connections 2000 --sessions 1 --rate 20 --connect-rate 5000 --realistic" ;;
+    gzip-idle)  echo "--connections 19000 --sessions 1000 --rate 0 --connect-rate 4000 --source 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4" ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
 
 start_chat_sync_base() { start_chat_sync "$base_bin"; }
+start_chat_sync_gzip() { start_chat_sync; target_args="$target_args --gzip"; }
 
 start_chat_sync() {
   local bin=${1:-$chat_sync_bin}
@@ -157,10 +167,11 @@ for run in $(seq "$RUNS"); do
     [[ " $NCHAN_SCENARIOS " == *" $scenario "* ]] || targets=${targets% nchan}
     case "$scenario" in nginx-rooms | nginx-big-room) targets="chat-sync-nginx" ;; esac
     [ "$scenario" = hot-room ] && targets="chat-sync-nginx" && HOT=1
+    case "$scenario" in gzip-*) targets="chat-sync chat-sync-gzip" ;; esac
     for target in $targets; do
       settle_ports
       "start_${target//-/_}"
-      duration=$DURATION; [ "$scenario" = idle ] && duration=3
+      duration=$DURATION; [[ "$scenario" = idle || "$scenario" = gzip-idle ]] && duration=3
       # Long enough for a round of heartbeats (every 15 s by default).
       [ "$scenario" = idle-sessions ] && duration=16
       echo "run $run/$RUNS: $scenario on $target" >&2

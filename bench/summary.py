@@ -35,6 +35,7 @@ COLUMNS = [
     ("server CPU µs/event", lambda rs: med(rs, lambda r: r["server_cpu_secs"] * 1e6 / max(r["events"], 1)), "{:.2f}"),
     ("server % of a core", lambda rs: med(rs, lambda r: 100 * r["server_cpu_secs"] / r["window_secs"]), "{:.1f}"),
     ("server RSS KiB/conn", lambda rs: med(rs, lambda r: r["server_rss_kib_per_connection"]), "{:.2f}"),
+    ("wire B/msg", lambda rs: med(rs, lambda r: r.get("wire_bytes_per_delivery", 0)), "{:.1f}"),
     ("loadgen CPU µs/msg", lambda rs: med(rs, lambda r: r["loadgen_cpu_us_per_delivery"]), "{:.3f}"),
 ]
 
@@ -45,7 +46,7 @@ for (label, _) in rows:
     if label not in scenarios:
         scenarios.append(label)
 for label in scenarios:
-    for server in ("chat-sync", "chat-sync-base", "chat-sync-nginx", "nchan"):
+    for server in ("chat-sync", "chat-sync-gzip", "chat-sync-base", "chat-sync-nginx", "nchan"):
         rs = rows.get((label, server))
         if not rs:
             continue
@@ -59,6 +60,8 @@ print("|---|---|---|---|---|")
 for label in scenarios:
     a = rows.get((label, "chat-sync")) or rows.get((label, "chat-sync-nginx"))
     for other in ("chat-sync-base", "nchan"):
+        if label.startswith("gzip-"):
+            continue
         b = rows.get((label, other))
         if not a or not b:
             continue
@@ -83,3 +86,19 @@ if idle:
         n = med(nchan, lambda r: r["server_rss_kib_per_connection"])
         print(f"Idle projection (Nchan, {n:.2f} KiB per connection): "
               f"100,000 ≈ {n * 100_000 / 1024:,.0f} MiB, 1,000,000 ≈ {n * 1_000_000 / 1024 / 1024:,.2f} GiB.")
+
+gzip = [label for label in scenarios if rows.get((label, "chat-sync-gzip")) and rows.get((label, "chat-sync"))]
+if gzip:
+    print()
+    print("| scenario | gzip / plain: wire bytes per message | server CPU per message | RSS per connection | p99 |")
+    print("|---|---|---|---|---|")
+    for label in gzip:
+        z, p = rows[(label, "chat-sync-gzip")], rows[(label, "chat-sync")]
+
+        def ratio(f):
+            x, y = med(z, f), med(p, f)
+            return f"{x / y:.3f}" if y else "–"
+
+        print(f"| {label} | {ratio(lambda r: r.get('wire_bytes_per_delivery', 0))} | "
+              f"{ratio(lambda r: r['server_cpu_us_per_delivery'])} | "
+              f"{ratio(lambda r: r['server_rss_kib_per_connection'])} | {ratio(lambda r: r['latency_ms']['p99'])} |")

@@ -70,8 +70,14 @@ async fn connect(args: &Args, session: usize, source: IpAddr) -> io::Result<(Tcp
         Target::ChatSync => format!("/api/v1/chats/sse-connect/{id}"),
         Target::Nchan => format!("/sub/{id}"),
     };
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: loadgen\r\nAccept: text/event-stream\r\n\r\n");
+    let encoding = if args.gzip {
+        "Accept-Encoding: gzip\r\n"
+    } else {
+        ""
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: loadgen\r\nAccept: text/event-stream\r\n{encoding}\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -97,8 +103,11 @@ async fn connect(args: &Args, session: usize, source: IpAddr) -> io::Result<(Tcp
         ));
     }
     let chunked = headers.contains("transfer-encoding: chunked");
+    let gzip = headers.contains("content-encoding: gzip");
     let viewer = Viewer {
         chunks: chunked.then(Dechunk::default),
+        gunzip: gzip.then(Gunzip::default),
+        body: Vec::new(),
         pending: head[end..].to_vec(),
         events: Vec::new(),
         seen: Seen::new(),
@@ -109,6 +118,10 @@ async fn connect(args: &Args, session: usize, source: IpAddr) -> io::Result<(Tcp
 struct Viewer {
     /// `None` when the body is not chunked.
     chunks: Option<Dechunk>,
+    /// Set for a gzip stream: decoded as it arrives.
+    gunzip: Option<Gunzip>,
+    /// The body (de-chunked, still compressed) not yet decoded; only for gzip.
+    body: Vec<u8>,
     /// Raw bytes not yet decoded (only before the first read).
     pending: Vec<u8>,
     /// Decoded SSE text not yet split into events.
@@ -118,9 +131,18 @@ struct Viewer {
 
 impl Viewer {
     fn feed(&mut self, input: &[u8], stats: &RefCell<Stats>) {
+        stats.borrow_mut().wire_bytes += input.len() as u64;
+        let decoded = if self.gunzip.is_some() {
+            &mut self.body
+        } else {
+            &mut self.events
+        };
         match &mut self.chunks {
-            Some(d) => d.decode(input, &mut self.events),
-            None => self.events.extend_from_slice(input),
+            Some(d) => d.decode(input, decoded),
+            None => decoded.extend_from_slice(input),
+        }
+        if let Some(gunzip) = &mut self.gunzip {
+            gunzip.decode(&mut self.body, &mut self.events);
         }
         let mut consumed = 0;
         let now = now_us();
@@ -137,6 +159,50 @@ impl Viewer {
         self.events.drain(..consumed);
         if self.events.capacity() > 64 * 1024 && self.events.is_empty() {
             self.events = Vec::new();
+        }
+    }
+}
+
+/// A gzip body decoded as it arrives (each write of the server decodes at once).
+struct Gunzip {
+    header_left: usize,
+    inflate: flate2::Decompress,
+}
+
+impl Default for Gunzip {
+    fn default() -> Self {
+        Self {
+            header_left: 10,
+            inflate: flate2::Decompress::new(false),
+        }
+    }
+}
+
+impl Gunzip {
+    /// Decodes what it can of `body` into `out`, leaving the rest in `body`.
+    fn decode(&mut self, body: &mut Vec<u8>, out: &mut Vec<u8>) {
+        let skip = self.header_left.min(body.len());
+        self.header_left -= skip;
+        let mut at = skip;
+        while at < body.len() {
+            out.reserve(4 * (body.len() - at) + 256);
+            let before = (self.inflate.total_in(), out.len());
+            let status =
+                self.inflate
+                    .decompress_vec(&body[at..], out, flate2::FlushDecompress::Sync);
+            at += (self.inflate.total_in() - before.0) as usize;
+            match status {
+                Ok(flate2::Status::StreamEnd) | Err(_) => {
+                    at = body.len();
+                    break;
+                }
+                Ok(_) if (self.inflate.total_in(), out.len()) == before => break,
+                Ok(_) => {}
+            }
+        }
+        body.drain(..at);
+        if body.capacity() > 64 * 1024 && body.is_empty() {
+            *body = Vec::new();
         }
     }
 }
@@ -274,6 +340,27 @@ mod tests {
             d.decode(&wire[..split], &mut out);
             d.decode(&wire[split..], &mut out);
             assert_eq!(out, b"hello, world", "split at {split}");
+        }
+    }
+
+    #[test]
+    fn gunzips_across_arbitrary_splits() {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        encoder.write_all(b"id: 1\ndata: [\"a\"]\n\n").unwrap();
+        encoder.flush().unwrap();
+        encoder.write_all(b"id: 2\ndata: [\"b\"]\n\n").unwrap();
+        let wire = encoder.finish().unwrap();
+        for split in 1..wire.len() {
+            let (mut g, mut body, mut out) = (Gunzip::default(), Vec::new(), Vec::new());
+            body.extend_from_slice(&wire[..split]);
+            g.decode(&mut body, &mut out);
+            body.extend_from_slice(&wire[split..]);
+            g.decode(&mut body, &mut out);
+            assert_eq!(
+                out, b"id: 1\ndata: [\"a\"]\n\nid: 2\ndata: [\"b\"]\n\n",
+                "split at {split}"
+            );
         }
     }
 }

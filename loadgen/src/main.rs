@@ -83,6 +83,14 @@ pub struct Args {
     /// Seconds to wait for stragglers after publishing stops.
     #[arg(long, default_value_t = 2)]
     pub drain: u64,
+    /// Ask for gzip streams (`Accept-Encoding: gzip`, as browsers do) and decode them.
+    #[arg(long)]
+    pub gzip: bool,
+    /// Publish chat messages as a real chat has them (nickname, profile URL, Korean and
+    /// English text, ids, timestamps) instead of padding, which would flatter any
+    /// compressor.
+    #[arg(long)]
+    pub realistic: bool,
 }
 
 fn main() -> anyhow::Result<()> {

@@ -31,7 +31,11 @@ pub async fn run(args: &Args, _stats: Rc<RefCell<Stats>>) -> anyhow::Result<u64>
             let s = (sent % args.sessions as u64) as usize;
             let q = next_q[s];
             next_q[s] += 1;
-            let payload = format!(r#"{{"s":{s},"q":{q},"t":{},"p":"{padding}"}}"#, now_us());
+            let payload = if args.realistic {
+                realistic(s, q)
+            } else {
+                format!(r#"{{"s":{s},"q":{q},"t":{},"p":"{padding}"}}"#, now_us())
+            };
             batch.push((session_id(args.run, s), payload));
             sent += 1;
         }
@@ -41,6 +45,38 @@ pub async fn run(args: &Args, _stats: Rc<RefCell<Stats>>) -> anyhow::Result<u64>
     }
     sink.finish().await?;
     Ok(sent)
+}
+
+/// A chat message shaped as real ones are (~280 bytes); `s`, `q` and `t` first, as the
+/// viewers' scanner expects, and no other key ending in `q` or `t`.
+fn realistic(s: usize, q: u64) -> String {
+    const TEXTS: [&str; 8] = [
+        "안녕하세요! 오늘 방송 너무 재밌어요 ㅋㅋㅋ",
+        "what a play, did you see that??",
+        "첫 방송부터 보고 있어요, 항상 응원합니다",
+        "lol the chat is so fast today",
+        "이거 진짜 대박이다 👏👏",
+        "can you say hi to my friend minji",
+        "오늘 몇 시까지 방송하세요?",
+        "GG, that was close",
+    ];
+    // A cheap, deterministic spread of viewers and texts.
+    let x = (q.wrapping_mul(2_654_435_761) ^ s as u64).wrapping_mul(40_503);
+    let viewer = x % 997;
+    let micros = now_us();
+    format!(
+        r#"{{"s":{s},"q":{q},"t":{micros},"id":"{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}","nickname":"viewer_{viewer}","profileImgUrl":"https://cdn.example.com/profiles/{viewer}/avatar_{:x}.png","message":"{}","createdAt":"2026-11-27T10:{:02}:{:02}.{:03}"}}"#,
+        x as u32,
+        (x >> 32) as u16,
+        x % 4096,
+        (x >> 12) % 4096,
+        micros % (1 << 48),
+        x % 65_536,
+        TEXTS[(x >> 20) as usize % TEXTS.len()],
+        micros / 60_000_000 % 60,
+        micros / 1_000_000 % 60,
+        micros / 1000 % 1000,
+    )
 }
 
 enum Sink {

@@ -29,6 +29,8 @@ pub struct Stats {
     pub closed: usize,
     pub events: u64,
     pub delivered: u64,
+    /// Body bytes received (as on the wire: compressed for gzip streams).
+    pub wire_bytes: u64,
     pub duplicates: u64,
     pub reorders: u64,
     pub latency_us: Histogram<u64>,
@@ -61,6 +63,7 @@ impl Stats {
             closed: 0,
             events: 0,
             delivered: 0,
+            wire_bytes: 0,
             duplicates: 0,
             reorders: 0,
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).unwrap(),
@@ -155,6 +158,9 @@ impl Stats {
             "events": self.events,
             "events_per_sec": round(self.events as f64 / active_secs),
             "avg_batch": round(self.delivered as f64 / self.events.max(1) as f64),
+            "gzip": args.gzip,
+            "wire_bytes": self.wire_bytes,
+            "wire_bytes_per_delivery": round(self.wire_bytes as f64 / self.delivered.max(1) as f64),
             "latency_ms": {
                 "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0,
             },
