@@ -20,6 +20,12 @@ def med(runs, f):
     return statistics.median(f(r) for r in runs)
 
 
+def ratio(a, b, f):
+    """The median of `f` over runs `a` against runs `b`."""
+    x, y = med(a, f), med(b, f)
+    return f"{x / y:.3f}" if y else "–"
+
+
 COLUMNS = [
     ("runs", lambda rs: len(rs), "{:.0f}"),
     ("connected", lambda rs: med(rs, lambda r: r["connected"]), "{:.0f}"),
@@ -65,14 +71,10 @@ for label in scenarios:
         b = rows.get((label, other))
         if not a or not b:
             continue
-
-        def ratio(f):
-            x, y = med(a, f), med(b, f)
-            return f"{x / y:.3f}" if y else "–"
-
         print(f"| {label} | {'Nchan' if other == 'nchan' else 'baseline'} | "
-              f"{ratio(lambda r: r['server_cpu_us_per_delivery'])} | "
-              f"{ratio(lambda r: r['server_rss_kib_per_connection'])} | {ratio(lambda r: r['latency_ms']['p99'])} |")
+              f"{ratio(a, b, lambda r: r['server_cpu_us_per_delivery'])} | "
+              f"{ratio(a, b, lambda r: r['server_rss_kib_per_connection'])} | "
+              f"{ratio(a, b, lambda r: r['latency_ms']['p99'])} |")
 
 idle = rows.get(("idle", "chat-sync"))
 if idle:
@@ -94,11 +96,7 @@ if gzip:
     print("|---|---|---|---|---|")
     for label in gzip:
         z, p = rows[(label, "chat-sync-gzip")], rows[(label, "chat-sync")]
-
-        def ratio(f):
-            x, y = med(z, f), med(p, f)
-            return f"{x / y:.3f}" if y else "–"
-
-        print(f"| {label} | {ratio(lambda r: r.get('wire_bytes_per_delivery', 0))} | "
-              f"{ratio(lambda r: r['server_cpu_us_per_delivery'])} | "
-              f"{ratio(lambda r: r['server_rss_kib_per_connection'])} | {ratio(lambda r: r['latency_ms']['p99'])} |")
+        print(f"| {label} | {ratio(z, p, lambda r: r.get('wire_bytes_per_delivery', 0))} | "
+              f"{ratio(z, p, lambda r: r['server_cpu_us_per_delivery'])} | "
+              f"{ratio(z, p, lambda r: r['server_rss_kib_per_connection'])} | "
+              f"{ratio(z, p, lambda r: r['latency_ms']['p99'])} |")

@@ -160,17 +160,7 @@ impl UsageStore {
             .arg("NX")
             .ignore();
         epoch_pipe.cmd("GET").arg(EPOCH_KEY);
-        let mut alive_pipe = redis::pipe();
-        eval(
-            &mut alive_pipe,
-            ALIVE,
-            &[ALIVE_KEY.into()],
-            &[
-                owner.clone(),
-                alive_ttl.as_millis().to_string(),
-                DEAD_RETAIN.as_millis().to_string(),
-            ],
-        );
+        let mut alive_pipe = liveness(owner, *alive_ttl);
         alive_pipe.ignore();
         let mut pipes = vec![epoch_pipe, alive_pipe];
         pipes.extend(list_unsettled(&sessions, replicated));
@@ -225,18 +215,7 @@ impl UsageStore {
         let Self::Redis { conn, owner, .. } = self else {
             return Ok(Vec::new());
         };
-        let mut pipe = redis::pipe();
-        eval(
-            &mut pipe,
-            ALIVE,
-            &[ALIVE_KEY.into()],
-            &[
-                owner.clone(),
-                "0".into(),
-                DEAD_RETAIN.as_millis().to_string(),
-            ],
-        );
-        let (dead,): (Vec<String>,) = run(conn, &pipe).await?;
+        let (dead,): (Vec<String>,) = run(conn, &liveness(owner, Duration::ZERO)).await?;
         Ok(dead)
     }
 
@@ -384,6 +363,23 @@ async fn per_session(
         run_each::<()>(conn, list_unsettled(&back, replicated).as_slice()).await?;
     }
     Ok(replies.into_iter().map(|((n, _),)| n).collect())
+}
+
+/// The liveness script: notes `owner` alive for `ttl` (zero: only reads), and answers
+/// with the instances whose deadline has passed.
+fn liveness(owner: &str, ttl: Duration) -> Pipeline {
+    let mut pipe = redis::pipe();
+    eval(
+        &mut pipe,
+        ALIVE,
+        &[ALIVE_KEY.into()],
+        &[
+            owner.to_string(),
+            ttl.as_millis().to_string(),
+            DEAD_RETAIN.as_millis().to_string(),
+        ],
+    );
+    pipe
 }
 
 /// Adds `sessions` to the unsettled list (nothing for none).
