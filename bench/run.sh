@@ -18,6 +18,8 @@ BASELINE=${BASELINE:-}
 # Scenarios Nchan runs in (its big room takes minutes: it falls far behind).
 NCHAN_SCENARIOS=${NCHAN_SCENARIOS-"big-room chat-storm many-rooms idle idle-sessions"}
 TICK_MS=${TICK_MS:-24}
+# Viewers of the latency probe that runs beside busy gzip rooms.
+PROBES=${PROBES:-20}
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
@@ -175,11 +177,24 @@ for run in $(seq "$RUNS"); do
       # Long enough for a round of heartbeats (every 15 s by default).
       [ "$scenario" = idle-sessions ] && duration=16
       echo "run $run/$RUNS: $scenario on $target" >&2
+      # Busy gzip rooms keep the load generator's core busy decoding, and its own
+      # backlog shows as latency; a second process with a few viewers of the same
+      # session (the scheduler runs it promptly: it is mostly asleep) measures what
+      # the server adds.
+      probe=
+      if [[ "$scenario" = gzip-big-room || "$scenario" = gzip-one-per-batch ]]; then
+        # shellcheck disable=SC2046
+        target/release/loadgen $target_args $(scenario_args "$scenario") --connections "$PROBES" \
+          --rate 0 --duration "$((duration + 2))" --drain 1 --run "$run" --label "$scenario-probe" \
+          | sed "s/^{/{\"server\":\"$target\",/" >>"$out" &
+        probe=$!
+      fi
       # shellcheck disable=SC2046
       target/release/loadgen $target_args $(scenario_args "$scenario") --duration "$duration" \
         --run "$run" --server-pid "$server_pids" --label "$scenario" \
         | sed "s/^{/{\"server\":\"$target\",/" >>"$out" \
         || echo "  (loadgen failed: see above)" >&2
+      [ -z "$probe" ] || wait "$probe"
       stop_server
     done
   done

@@ -28,7 +28,7 @@ pub enum Target {
 }
 
 #[derive(Parser, Debug, Clone)]
-#[command(about)]
+#[command(about, args_override_self = true)]
 pub struct Args {
     #[arg(long, value_enum, default_value = "chat-sync")]
     pub target: Target,
