@@ -62,7 +62,12 @@ fn setup(subscribers: usize) -> (Ticker, Arc<Sessions>, Uuid, Vec<Subscription>)
     let subs = (0..subscribers)
         .map(|_| {
             runtime
-                .block_on(registry.attach(room, None, std::net::Ipv4Addr::LOCALHOST.into()))
+                .block_on(registry.attach(
+                    room,
+                    None,
+                    std::net::Ipv4Addr::LOCALHOST.into(),
+                    Default::default(),
+                ))
                 .unwrap()
         })
         .collect();
@@ -101,7 +106,7 @@ fn tick(c: &mut Criterion) {
                             payload: p.clone(),
                         });
                     }
-                    ticker.tick_once(&mut handles, Instant::now());
+                    ticker.tick_once(&mut handles, Instant::now(), 1);
                     for sub in &mut subs {
                         let frame = sub
                             .try_next_frame()

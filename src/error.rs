@@ -60,6 +60,12 @@ impl AppError {
     }
 }
 
+impl From<crate::class::BadParameter> for AppError {
+    fn from(e: crate::class::BadParameter) -> Self {
+        Self::BadRequest(e.to_string())
+    }
+}
+
 impl From<AttachError> for AppError {
     fn from(e: AttachError) -> Self {
         let retry_after_secs = match &e {

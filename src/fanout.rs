@@ -57,13 +57,15 @@ impl Ticker {
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut sessions = Vec::new();
         let (mut last_heartbeats, mut last_reap) = (Instant::now(), Instant::now());
+        let mut tick = 0;
         loop {
             tokio::select! {
                 _ = token.cancelled() => break,
                 _ = interval.tick() => {}
             }
             let now = Instant::now();
-            self.tick_once(&mut sessions, now);
+            tick += 1;
+            self.tick_once(&mut sessions, now, tick);
             if now.duration_since(last_heartbeats) >= self.heartbeat / HEARTBEAT_CHECKS {
                 last_heartbeats = now;
                 self.heartbeats(now);
@@ -79,16 +81,17 @@ impl Ticker {
                 .observe(spent.as_secs_f64());
         }
         // Whatever arrived since the last tick still counts as usage.
-        self.tick_once(&mut sessions, Instant::now());
+        self.tick_once(&mut sessions, Instant::now(), tick + 1);
         tracing::debug!("ticker stopped");
     }
 
-    /// One tick: captures and fans out each session that received something since its
-    /// last capture. `sessions` is reused between ticks.
-    pub fn tick_once(&self, sessions: &mut Vec<Arc<Session>>, now: Instant) {
+    /// One tick (the `tick`th): captures and fans out each session that received
+    /// something since its last capture, or holds frames for a delivery class.
+    /// `sessions` is reused between ticks.
+    pub fn tick_once(&self, sessions: &mut Vec<Arc<Session>>, now: Instant, tick: u64) {
         self.registry.sessions.take_queued(sessions);
         for session in sessions.drain(..) {
-            if self.settle(&session, now) {
+            if self.settle(&session, now, tick) {
                 self.closed(session.id);
             }
         }
@@ -102,6 +105,7 @@ impl Ticker {
             let quiet = now.duration_since(outbox.last_sent);
             if quiet >= COMPRESSOR_IDLE {
                 outbox.viewers.release_compressor();
+                outbox.classes.release_compressors();
             }
             if !outbox.closed && quiet >= self.heartbeat {
                 outbox.last_sent = now;
@@ -114,7 +118,7 @@ impl Ticker {
     fn reap(&self, now: Instant) {
         for freed in self.registry.reap(now) {
             // Freed either way; `settle` only says whether it also ended.
-            self.settle(&freed, now);
+            self.settle(&freed, now, u64::MAX);
             self.closed(freed.id);
         }
     }
@@ -126,8 +130,8 @@ impl Ticker {
 
     /// Captures and fans out one session, and frees it if it ended; returns whether it
     /// did.
-    fn settle(&self, session: &Arc<Session>, now: Instant) -> bool {
-        match self.capture(session, now) {
+    fn settle(&self, session: &Arc<Session>, now: Instant, tick: u64) -> bool {
+        match self.capture(session, now, tick) {
             Some(end) => {
                 self.registry.finish(session, end);
                 true
@@ -136,10 +140,28 @@ impl Ticker {
         }
     }
 
-    /// Captures and fans out one session; returns the end payload if the session ended.
-    /// A session still joining the shared history is left to fill its inbox.
-    fn capture(&self, session: &Arc<Session>, now: Instant) -> Option<Bytes> {
+    /// Captures and fans out one session, and delivers to its classes that are due;
+    /// returns the end payload if the session ended. A session still joining the
+    /// shared history is left to fill its inbox; one whose classes still hold frames
+    /// is looked at again next tick.
+    fn capture(&self, session: &Arc<Session>, now: Instant, tick: u64) -> Option<Bytes> {
         let mut outbox = session.outbox.lock().unwrap();
+        let end = self.capture_locked(session, &mut outbox, now);
+        if end.is_none() {
+            outbox.deliver(tick);
+            if outbox.classes.holds() {
+                self.registry.sessions.touch(session);
+            }
+        }
+        end
+    }
+
+    fn capture_locked(
+        &self,
+        session: &Arc<Session>,
+        outbox: &mut Outbox,
+        now: Instant,
+    ) -> Option<Bytes> {
         let joined = session.joined.initialized();
         let (messages, end, gaps, asks) = {
             let mut inbox = session.inbox.lock().unwrap();
@@ -163,14 +185,14 @@ impl Ticker {
             inbox.bytes = 0;
             (std::mem::take(&mut inbox.messages), end, gaps, asks)
         };
-        let fingerprints = name(&mut outbox, &messages, &gaps);
+        let fingerprints = name(outbox, &messages, &gaps);
         // Messages from before each broker outage, then the `reset` that marks it, then
         // what arrived once Redis was back: the gap is shown exactly where it is.
         let mut start = 0;
         for &at in &gaps {
             self.send_batch(
                 session,
-                &mut outbox,
+                outbox,
                 &messages[start..at],
                 &fingerprints[start..at],
             );
@@ -191,12 +213,7 @@ impl Ticker {
             outbox.send(Signal::Frame(seq));
             outbox.after_reset = true;
         }
-        self.send_batch(
-            session,
-            &mut outbox,
-            &messages[start..],
-            &fingerprints[start..],
-        );
+        self.send_batch(session, outbox, &messages[start..], &fingerprints[start..]);
         outbox.after_reset &= messages.len() == start;
         if !messages.is_empty() {
             self.usage.captured(session.id, &messages);

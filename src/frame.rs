@@ -2,6 +2,7 @@
 //! subscribers of a session, so the hot path copies nothing per subscriber.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -17,6 +18,21 @@ pub const HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");
 pub struct Batch {
     pub bytes: Bytes,
     pub offsets: Vec<u32>,
+}
+
+/// A frame as the replay buffer keeps it: a batch, with its messages' names and where
+/// each payload starts in it, or a notice (`reset`: no messages).
+#[derive(Debug)]
+pub struct Kept {
+    pub bytes: Bytes,
+    pub fingerprints: Box<[u64]>,
+    pub offsets: Box<[u32]>,
+}
+
+impl Kept {
+    pub fn is_notice(&self) -> bool {
+        self.fingerprints.is_empty()
+    }
 }
 
 /// One batch: `id: ..` and `data: ["<payload>", ...]`, the original service's format.
@@ -46,16 +62,109 @@ pub fn batch(id: Position, payloads: &[Bytes]) -> Batch {
     }
 }
 
-/// The payloads of `batch` from the one starting at `offset` on, as a batch of their
-/// own named `id` (the original batch's last message).
-pub fn tail(batch: &Bytes, offset: u32, id: Position) -> Bytes {
-    let rest = &batch[offset as usize..batch.len() - b"]\n\n".len()];
+/// The messages of `kept` from the `from`th on, as a batch of their own named like
+/// `kept` (after its last message).
+pub fn tail(kept: &Kept, from: usize) -> Kept {
+    let start = kept.offsets[from] as usize;
+    let rest = &kept.bytes[start..kept.bytes.len() - b"]\n\n".len()];
+    let last = *kept.fingerprints.last().expect("a batch");
     let mut out = BytesMut::with_capacity(rest.len() + 48);
-    put_id(&mut out, id);
+    put_id(&mut out, Position::after(last));
     out.put_slice(b"data: [");
+    let shift = out.len() as i64 - start as i64;
     out.put_slice(rest);
     out.put_slice(b"]\n\n");
-    out.freeze()
+    Kept {
+        bytes: out.freeze(),
+        fingerprints: kept.fingerprints[from..].into(),
+        offsets: kept.offsets[from..]
+            .iter()
+            .map(|&o| (i64::from(o) + shift) as u32)
+            .collect(),
+    }
+}
+
+/// `frames` (in order) as few events as they can be: each run of batches becomes one
+/// batch named after its last message, and each notice stays as it is between them.
+/// With `keep`, a merged batch holds only its newest `keep` messages, and, if
+/// `announce`, is preceded by `event: skipped` saying how many were left out. The
+/// payloads are copied as framed, never re-encoded; a single frame with nothing to
+/// leave out is its own bytes.
+pub fn merge(frames: &[Arc<Kept>], keep: Option<usize>, announce: bool) -> Merged {
+    let fits = |k: &Kept| keep.is_none_or(|keep| k.offsets.len() <= keep);
+    if let [one] = frames
+        && fits(one)
+    {
+        return Merged {
+            bytes: one.bytes.clone(),
+            skipped: 0,
+        };
+    }
+    let size: usize = frames.iter().map(|k| k.bytes.len()).sum();
+    let mut out = BytesMut::with_capacity(size + 64);
+    let mut run = 0;
+    let mut skipped = 0;
+    for (i, kept) in frames.iter().enumerate() {
+        if kept.is_notice() {
+            skipped += put_merged(&mut out, &frames[run..i], keep, announce);
+            out.put_slice(&kept.bytes);
+            run = i + 1;
+        }
+    }
+    skipped += put_merged(&mut out, &frames[run..], keep, announce);
+    Merged {
+        bytes: out.freeze(),
+        skipped,
+    }
+}
+
+/// Frames merged, and how many messages were left out.
+pub struct Merged {
+    pub bytes: Bytes,
+    pub skipped: usize,
+}
+
+/// `batches` (no notices) as one batch of (at most `keep` of) their messages; returns
+/// how many were left out.
+fn put_merged(
+    out: &mut BytesMut,
+    batches: &[Arc<Kept>],
+    keep: Option<usize>,
+    announce: bool,
+) -> usize {
+    let Some(last) = batches.last().and_then(|k| k.fingerprints.last()) else {
+        return 0;
+    };
+    let total: usize = batches.iter().map(|k| k.offsets.len()).sum();
+    let left_out = total.saturating_sub(keep.unwrap_or(usize::MAX));
+    let mut skip = left_out;
+    if skip > 0 && announce {
+        out.put_slice(&skipped(skip));
+    }
+    put_id(out, Position::after(*last));
+    out.put_slice(b"data: [");
+    let mut first = true;
+    for kept in batches {
+        let Some(&start) = kept.offsets.get(skip) else {
+            skip -= kept.offsets.len();
+            continue;
+        };
+        skip = 0;
+        if !first {
+            out.put_u8(b',');
+        }
+        first = false;
+        out.put_slice(&kept.bytes[start as usize..kept.bytes.len() - b"]\n\n".len()]);
+    }
+    out.put_slice(b"]\n\n");
+    left_out
+}
+
+/// How many messages were left out right before the next batch, for a viewer that
+/// asked for at most so many per event (`max_batch`). A named event: a client that
+/// only listens to messages (the original one) never sees it.
+pub fn skipped(count: usize) -> Bytes {
+    named_event("skipped", None, &format!("{{\"skipped\":{count}}}"))
 }
 
 /// `event: end` with the `{sessionId}_END` payload, forwarded as published.
@@ -137,25 +246,91 @@ mod tests {
             let _ = Position::parse(&raw);
         }
 
-        /// A resume inside a batch gets exactly the payloads after its position.
+        /// Any run of batches, the first cut at any message (a resume inside it), merged
+        /// with at most `keep` messages, is one event holding exactly the newest of them,
+        /// named after the last, after one saying how many were left out.
         #[test]
-        fn a_batch_cut_at_any_payload_holds_the_rest(
-            payloads in prop::collection::vec(".{0,16}", 1..8),
-            cut in 0usize..8,
+        fn batches_cut_and_merged_hold_exactly_the_newest_messages(
+            batches in prop::collection::vec(prop::collection::vec(".{0,16}", 1..6), 1..5),
+            cut in 0usize..6,
+            keep in prop::option::of(1usize..12),
         ) {
-            let payloads: Vec<Bytes> = payloads.into_iter().map(Bytes::from).collect();
-            let cut = cut % payloads.len();
-            let framed = batch(ID, &payloads);
-            let rest = tail(&framed.bytes, framed.offsets[cut], ID);
-            let text = std::str::from_utf8(&rest).unwrap();
-            let data = text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
+            let mut n = 0u64;
+            let mut kept = Vec::new();
+            let mut all: Vec<String> = Vec::new();
+            for payloads in &batches {
+                kept.push(Arc::new(kept_batch(&mut n, payloads)));
+                all.extend(payloads.iter().cloned());
+            }
+            let cut = cut % batches[0].len();
+            kept[0] = Arc::new(tail(&kept[0], cut));
+            let all = &all[cut..];
+            let merged = merge(&kept, keep, true);
+            let text = std::str::from_utf8(&merged.bytes).unwrap();
+            let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+            let want = keep.map_or(all.len(), |k| k.min(all.len()));
+            let skipped = all.len() - want;
+            if skipped > 0 {
+                let announced = format!("event: skipped\ndata: {{\"skipped\":{skipped}}}");
+                prop_assert_eq!(events[0], announced.as_str());
+            }
+            prop_assert_eq!(events.len(), 1 + usize::from(skipped > 0));
+            prop_assert_eq!(merged.skipped, skipped);
+            let (id, data) = events.last().unwrap().split_once("\ndata: ").unwrap();
+            prop_assert_eq!(id, format!("id: {}", Position::after(n)));
             let parsed: Vec<String> = serde_json::from_str(data).unwrap();
-            let expected: Vec<String> = payloads[cut..]
-                .iter()
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .collect();
-            prop_assert_eq!(parsed, expected);
+            prop_assert_eq!(&parsed[..], &all[skipped..]);
         }
+    }
+
+    /// A batch of `payloads` named by the numbers after `n`.
+    fn kept_batch(n: &mut u64, payloads: &[String]) -> Kept {
+        let fingerprints: Vec<u64> = payloads
+            .iter()
+            .map(|_| {
+                *n += 1;
+                *n
+            })
+            .collect();
+        let payloads: Vec<Bytes> = payloads.iter().map(|p| Bytes::from(p.clone())).collect();
+        let framed = batch(Position::after(*n), &payloads);
+        Kept {
+            bytes: framed.bytes,
+            fingerprints: fingerprints.into(),
+            offsets: framed.offsets.into(),
+        }
+    }
+
+    #[test]
+    fn a_notice_stays_between_the_batches_it_separates() {
+        let mut n = 0;
+        let a = Arc::new(kept_batch(&mut n, &["a".into()]));
+        let b = Arc::new(kept_batch(&mut n, &["b".into()]));
+        let notice = Arc::new(Kept {
+            bytes: reset(
+                Some(Position {
+                    after: 2,
+                    reset: true,
+                }),
+                "gap",
+            ),
+            fingerprints: Box::default(),
+            offsets: Box::default(),
+        });
+        let c = Arc::new(kept_batch(&mut n, &["c".into(), "d".into()]));
+        let merged = merge(&[a, b, notice, c], Some(1), true);
+        assert_eq!(merged.skipped, 2);
+        let expected = [
+            "event: skipped\ndata: {\"skipped\":1}\n\n",
+            "id: 0000000000000002\ndata: [\"b\"]\n\n",
+            "id: 0000000000000002.reset\nevent: reset\ndata: {\"reason\":\"gap\"}\n\n",
+            "event: skipped\ndata: {\"skipped\":1}\n\n",
+            "id: 0000000000000004\ndata: [\"d\"]\n\n",
+        ];
+        assert_eq!(
+            std::str::from_utf8(&merged.bytes).unwrap(),
+            expected.concat()
+        );
     }
 
     const ID: Position = Position {

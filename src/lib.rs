@@ -10,6 +10,7 @@
 pub mod app;
 pub mod billing;
 pub mod broker;
+pub mod class;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -56,6 +56,8 @@ pub struct Metrics {
     pub viewers_in_step: Gauge,
     pub replay_bytes: Gauge,
     pub slow_subscribers: Counter,
+    pub catch_ups: Counter,
+    pub messages_skipped: Counter,
     pub rejected_connections: Family<Reason, Counter>,
     pub broker_disconnects: Counter,
     pub usage_captured: Counter,
@@ -99,6 +101,8 @@ impl Metrics {
             viewers_in_step: Gauge::default(),
             replay_bytes: Gauge::default(),
             slow_subscribers: Counter::default(),
+            catch_ups: Counter::default(),
+            messages_skipped: Counter::default(),
             rejected_connections: Family::default(),
             broker_disconnects: Counter::default(),
             usage_captured: Counter::default(),
@@ -203,8 +207,19 @@ impl Metrics {
         );
         r.register(
             "slow_subscribers_dropped",
-            "Subscribers disconnected because they fell too far behind",
+            "Subscribers disconnected because what they missed had left the replay buffer",
             m.slow_subscribers.clone(),
+        );
+        r.register(
+            "catch_ups",
+            "Batches that merged several missed frames for a viewer that fell behind",
+            m.catch_ups.clone(),
+        );
+        r.register(
+            "messages_skipped",
+            "Messages left out of batches for viewers that asked for at most so many \
+             per event (max_batch), counted once per viewer; each viewer is told",
+            m.messages_skipped.clone(),
         );
         r.register(
             "connections_rejected",

@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::broker::{Broker, BrokerError};
+use crate::class::{Asked, Classes};
 use crate::client::ClientLimits;
 use crate::frame;
 use crate::history::History;
@@ -22,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::position::Position;
 use crate::replay::{ReplayBuffer, Resume};
 use crate::session::{Session, Sessions, Signal};
-use crate::subscription::{Full, Slots, SubscriberGuard, Subscription};
+use crate::subscription::{CATCH_UP_BYTES, Full, Slots, SubscriberGuard, Subscription};
 use crate::viewer::Viewers;
 
 /// Why a subscriber was not admitted.
@@ -69,7 +70,8 @@ pub struct Registry {
 const RESUME_GRACE: Duration = Duration::from_millis(250);
 
 enum Admitted {
-    Now(Bytes, broadcast::Receiver<Signal>),
+    /// The prelude, and the signals from the frame with this sequence number on.
+    Now(Bytes, broadcast::Receiver<Signal>, u64),
     Later(broadcast::Receiver<Signal>),
     Refused(AttachError),
 }
@@ -121,15 +123,17 @@ impl Registry {
             .is_some_and(|at| at.elapsed() < self.limits.ended_ttl)
     }
 
-    /// Admits a subscriber from `client` to `id`, resuming after `last_event_id`.
+    /// Admits a subscriber from `client` to `id`, resuming after `last_event_id`, to
+    /// be sent the session as it `asked`.
     pub async fn attach(
         self: &Arc<Self>,
         id: Uuid,
         last_event_id: Option<&str>,
         client: IpAddr,
+        asked: Asked,
     ) -> Result<Subscription, AttachError> {
         self.metrics.connects.inc();
-        let result = self.try_attach(id, last_event_id, client).await;
+        let result = self.try_attach(id, last_event_id, client, asked).await;
         if let Err(e) = &result {
             self.metrics.reject_connection(match e {
                 AttachError::Ended => "ended",
@@ -150,6 +154,7 @@ impl Registry {
         id: Uuid,
         last_event_id: Option<&str>,
         client: IpAddr,
+        asked: Asked,
     ) -> Result<Subscription, AttachError> {
         if self.closing.load(Ordering::Acquire) {
             return Err(AttachError::ShuttingDown);
@@ -208,18 +213,24 @@ impl Registry {
         // the message exists. A made-up or forgotten one gets `reset` after the grace.
         let start = Instant::now();
         let mut until = start + RESUME_GRACE;
-        let mut asked = false;
+        let mut looked_up = false;
         loop {
-            let may_wait = !asked || Instant::now() < until;
-            let mut signals = match self.admit(&session, position, may_wait) {
-                Admitted::Now(prelude, signals) => {
-                    return Ok(Subscription::new(prelude, signals, guard));
+            let may_wait = !looked_up || Instant::now() < until;
+            let mut signals = match self.admit(&session, position, may_wait, asked) {
+                Admitted::Now(prelude, signals, next) => {
+                    return Ok(Subscription::new(
+                        prelude,
+                        signals,
+                        guard,
+                        next,
+                        asked.class,
+                    ));
                 }
                 Admitted::Refused(e) => return Err(e),
                 Admitted::Later(signals) => signals,
             };
-            if !asked && Instant::now() >= until {
-                asked = true;
+            if !looked_up && Instant::now() >= until {
+                looked_up = true;
                 let known = match position {
                     Some(Some(p)) => self.history.knows(id, p.after).await,
                     _ => false,
@@ -234,15 +245,17 @@ impl Registry {
         }
     }
 
-    /// The new subscriber's prelude (`retry:`, then what it missed or a `reset`) and
-    /// its place in the session's signals, under the outbox lock so that no frame
-    /// falls between the two; or, if its position is unknown here and `may_wait`, the
-    /// signals to wait on for it.
+    /// The new subscriber's prelude (`retry:`, then what it missed or a `reset`, or
+    /// on a fresh connect the recent messages it `asked` for) and its place in the
+    /// session's signals, under the outbox lock so that no frame falls between the
+    /// two; or, if its position is unknown here and `may_wait`, the signals to wait on
+    /// for it.
     fn admit(
         &self,
         session: &Session,
         position: Option<Option<Position>>,
         may_wait: bool,
+        asked: Asked,
     ) -> Admitted {
         let outbox = session.outbox.lock().unwrap();
         if outbox.closed {
@@ -253,10 +266,38 @@ impl Registry {
             });
         }
         let mut prelude = BytesMut::from(&frame::retry(self.limits.client_retry)[..]);
+        let mut next = outbox.replay.head() + 1;
         match position.map(|p| p.map(|p| outbox.replay.since(p))) {
-            None => {}
-            Some(Some(Resume::Frames(frames))) => {
-                frames.iter().for_each(|f| prelude.extend_from_slice(f))
+            None => {
+                // One event, so no more than the viewer's batches hold.
+                let history = asked
+                    .class
+                    .keep()
+                    .map_or(asked.history, |k| k.min(asked.history));
+                if let Some(recent) = (history > 0)
+                    .then(|| outbox.replay.recent(history))
+                    .flatten()
+                {
+                    prelude.extend_from_slice(&recent);
+                }
+            }
+            Some(Some(Resume::Frames { first, mut frames })) => {
+                // What it missed, merged as its class has it; beyond a catch-up's bytes,
+                // the rest is its task's to send (read from the replay buffer).
+                let mut bytes = 0;
+                let taken = frames
+                    .iter()
+                    .take_while(|k| {
+                        let more = bytes < CATCH_UP_BYTES;
+                        bytes += k.bytes.len();
+                        more
+                    })
+                    .count();
+                frames.truncate(taken);
+                next = first + taken as u64;
+                let merged = frame::merge(&frames, asked.class.keep(), true);
+                self.metrics.messages_skipped.inc_by(merged.skipped as u64);
+                prelude.extend_from_slice(&merged.bytes);
             }
             Some(Some(Resume::Lost)) if may_wait => {
                 return Admitted::Later(outbox.tx.subscribe());
@@ -267,7 +308,7 @@ impl Registry {
                 prelude.extend_from_slice(&frame::reset(head, "history not available"))
             }
         }
-        Admitted::Now(prelude.freeze(), outbox.tx.subscribe())
+        Admitted::Now(prelude.freeze(), outbox.tx.subscribe(), next)
     }
 
     /// Finds or creates the session and counts the caller in, under the map's lock so
@@ -299,6 +340,10 @@ impl Registry {
                         self.metrics.replay_bytes.clone(),
                     ),
                     Viewers::new(self.metrics.gzip.clone()),
+                    Classes::new(
+                        self.metrics.gzip.clone(),
+                        self.metrics.messages_skipped.clone(),
+                    ),
                 ));
                 e.insert(session.clone());
                 session

@@ -4,42 +4,34 @@
 //! falls out is gone and the client is told so (`reset`).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::frame;
+use crate::frame::{self, Kept};
 use crate::position::Position;
 
 /// What a resuming client gets.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Resume {
-    /// The frames after the client's position, oldest first (possibly none).
-    Frames(Vec<Bytes>),
+    /// The frames after the client's position, oldest first (possibly none); the
+    /// first has sequence number `first` (it may be the rest of the batch the
+    /// position falls in, cut out as a batch of its own).
+    Frames { first: u64, frames: Vec<Arc<Kept>> },
     /// The position is unknown or older than the buffer: history is lost.
     Lost,
 }
 
-/// One kept frame: a batch (with its messages' fingerprints and where each payload
-/// starts in it) or a `reset` notice (no messages).
-#[derive(Debug)]
-struct Kept {
-    bytes: Bytes,
-    fingerprints: Box<[u64]>,
-    offsets: Box<[u32]>,
-}
-
-impl Kept {
-    /// What it holds, counted against the byte bound.
-    fn size(&self) -> usize {
-        self.bytes.len() + self.fingerprints.len() * 12
-    }
+/// What a kept frame counts against the byte bound.
+fn size(kept: &Kept) -> usize {
+    kept.bytes.len() + kept.fingerprints.len() * 12
 }
 
 /// Frames with consecutive sequence numbers, the newest being `head`.
 #[derive(Debug)]
 pub struct ReplayBuffer {
-    frames: VecDeque<Kept>,
+    frames: VecDeque<Arc<Kept>>,
     /// Sequence number of the newest frame ever pushed (0 before the first).
     head: u64,
     /// The newest message ever pushed (0 before the first).
@@ -103,8 +95,8 @@ impl ReplayBuffer {
     fn push(&mut self, kept: Kept) -> u64 {
         self.head += 1;
         let before = self.bytes;
-        self.bytes += kept.size();
-        self.frames.push_back(kept);
+        self.bytes += size(&kept);
+        self.frames.push_back(Arc::new(kept));
         // The newest frame always stays: live subscribers read it from here.
         while self.frames.len() > 1
             && (self.frames.len() > self.max_frames || self.bytes > self.max_bytes)
@@ -112,7 +104,7 @@ impl ReplayBuffer {
             let Some(old) = self.frames.pop_front() else {
                 break;
             };
-            self.bytes -= old.size();
+            self.bytes -= size(&old);
         }
         self.total.inc_by(self.bytes as i64 - before as i64);
         self.head
@@ -120,11 +112,57 @@ impl ReplayBuffer {
 
     /// The frame with sequence number `seq`, if it is still kept.
     pub fn get(&self, seq: u64) -> Option<Bytes> {
+        self.kept(seq).map(|k| k.bytes.clone())
+    }
+
+    /// The frame with sequence number `seq` as kept, if it still is.
+    pub fn kept(&self, seq: u64) -> Option<Arc<Kept>> {
         let oldest = self.head + 1 - self.frames.len() as u64;
         let at = seq.checked_sub(oldest)?;
-        self.frames
-            .get(usize::try_from(at).ok()?)
-            .map(|k| k.bytes.clone())
+        self.frames.get(usize::try_from(at).ok()?).cloned()
+    }
+
+    /// The frames from `seq` on, as many as make at least `bytes` (one at least), if
+    /// `seq` is still kept; none if it is not pushed yet.
+    pub fn from(&self, seq: u64, bytes: usize) -> Option<Vec<Arc<Kept>>> {
+        if seq > self.head {
+            return Some(Vec::new());
+        }
+        let oldest = self.head + 1 - self.frames.len() as u64;
+        let at = usize::try_from(seq.checked_sub(oldest)?).ok()?;
+        let mut taken = 0;
+        Some(
+            self.frames
+                .iter()
+                .skip(at)
+                .take_while(|k| {
+                    let more = taken < bytes;
+                    taken += k.bytes.len();
+                    more
+                })
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The newest `n` messages kept here as one batch (and any notice after them), for
+    /// a viewer who joins and asks for recent chat; `None` if there are none.
+    pub fn recent(&self, n: usize) -> Option<Bytes> {
+        let mut messages = 0;
+        let mut frames: Vec<Arc<Kept>> = Vec::new();
+        for kept in self.frames.iter().rev() {
+            if messages >= n {
+                break;
+            }
+            // Notices before the newest message would split the batch: left out.
+            if kept.is_notice() && messages > 0 {
+                continue;
+            }
+            messages += kept.offsets.len();
+            frames.push(kept.clone());
+        }
+        frames.reverse();
+        (messages > 0).then(|| frame::merge(&frames, Some(n), false).bytes)
     }
 
     /// What follows `position`: the rest of the batch it falls in (cut out as a batch
@@ -143,24 +181,23 @@ impl ReplayBuffer {
             return Resume::Lost;
         };
         let found = &self.frames[at];
-        let mut out = Vec::new();
+        let mut frames = Vec::new();
+        let mut first = self.head + 1 - (self.frames.len() - at) as u64;
         if index + 1 < found.fingerprints.len() {
-            let last = *found.fingerprints.last().expect("not empty");
-            out.push(frame::tail(
-                &found.bytes,
-                found.offsets[index + 1],
-                Position::after(last),
-            ));
+            frames.push(Arc::new(frame::tail(found, index + 1)));
+        } else {
+            first += 1;
         }
         let mut later = self.frames.iter().skip(at + 1).peekable();
         if index + 1 == found.fingerprints.len()
             && position.reset
-            && later.peek().is_some_and(|k| k.fingerprints.is_empty())
+            && later.peek().is_some_and(|k| k.is_notice())
         {
             later.next();
+            first += 1;
         }
-        out.extend(later.map(|k| k.bytes.clone()));
-        Resume::Frames(out)
+        frames.extend(later.cloned());
+        Resume::Frames { first, frames }
     }
 }
 
@@ -187,28 +224,42 @@ mod tests {
         b
     }
 
-    fn frames(names: &[&str]) -> Resume {
-        Resume::Frames(names.iter().map(|n| Bytes::from(n.to_string())).collect())
+    /// What a resume gets: the first frame's sequence number and the frames' bytes;
+    /// `None` when lost.
+    fn sent(resume: Resume) -> Option<(u64, Vec<Bytes>)> {
+        match resume {
+            Resume::Frames { first, frames } => {
+                Some((first, frames.iter().map(|k| k.bytes.clone()).collect()))
+            }
+            Resume::Lost => None,
+        }
+    }
+
+    fn frames(first: u64, names: &[&str]) -> Option<(u64, Vec<Bytes>)> {
+        Some((
+            first,
+            names.iter().map(|n| Bytes::from(n.to_string())).collect(),
+        ))
     }
 
     #[test]
     fn returns_exactly_the_missed_frames() {
         let b = buffer(10, 1000, 5);
-        assert_eq!(b.since(Position::after(5)), frames(&[]));
-        assert_eq!(b.since(Position::after(3)), frames(&["f4", "f5"]));
+        assert_eq!(sent(b.since(Position::after(5))), frames(6, &[]));
+        assert_eq!(sent(b.since(Position::after(3))), frames(4, &["f4", "f5"]));
         assert_eq!(
-            b.since(Position::after(1)),
-            frames(&["f2", "f3", "f4", "f5"])
+            sent(b.since(Position::after(1))),
+            frames(2, &["f2", "f3", "f4", "f5"])
         );
     }
 
     #[test]
     fn too_old_or_unknown_positions_are_lost() {
         let b = buffer(3, 1000, 5);
-        assert_eq!(b.since(Position::after(3)), frames(&["f4", "f5"]));
-        assert_eq!(b.since(Position::after(2)), Resume::Lost);
-        assert_eq!(b.since(Position::after(6)), Resume::Lost);
-        assert_eq!(b.since(Position::after(0)), Resume::Lost);
+        assert_eq!(sent(b.since(Position::after(3))), frames(4, &["f4", "f5"]));
+        assert_eq!(sent(b.since(Position::after(2))), None);
+        assert_eq!(sent(b.since(Position::after(6))), None);
+        assert_eq!(sent(b.since(Position::after(0))), None);
     }
 
     #[test]
@@ -216,14 +267,11 @@ mod tests {
         let mut b = ReplayBuffer::new(10, 1000, Gauge::default());
         let payloads: Vec<Bytes> = ["a", "b", "c"].into_iter().map(Bytes::from).collect();
         b.push_batch(frame::batch(Position::after(3), &payloads), vec![1, 2, 3]);
-        let Resume::Frames(rest) = b.since(Position::after(1)) else {
-            panic!("lost");
-        };
         assert_eq!(
-            rest,
-            vec![Bytes::from("id: 0000000000000003\ndata: [\"b\",\"c\"]\n\n")]
+            sent(b.since(Position::after(1))),
+            frames(1, &["id: 0000000000000003\ndata: [\"b\",\"c\"]\n\n"])
         );
-        assert_eq!(b.since(Position::after(3)), frames(&[]));
+        assert_eq!(sent(b.since(Position::after(3))), frames(2, &[]));
     }
 
     #[test]
@@ -235,12 +283,12 @@ mod tests {
             offsets: vec![0],
         };
         b.push_batch(batch, vec![3]);
-        assert_eq!(b.since(Position::after(2)), frames(&["r", "f3"]));
+        assert_eq!(sent(b.since(Position::after(2))), frames(3, &["r", "f3"]));
         let seen = Position {
             after: 2,
             reset: true,
         };
-        assert_eq!(b.since(seen), frames(&["f3"]));
+        assert_eq!(sent(b.since(seen)), frames(4, &["f3"]));
         assert_eq!(b.last_message(), 3);
     }
 
@@ -252,16 +300,46 @@ mod tests {
         assert_eq!(b.get(2), None, "evicted");
         assert_eq!(b.get(6), None, "not yet");
         assert_eq!(buffer(3, 1000, 0).get(1), None);
+        let from = |seq, bytes| b.from(seq, bytes).map(|f| f.len());
+        assert_eq!(from(3, 1), Some(1), "at least one");
+        assert_eq!(from(3, 3), Some(2), "as many as make the bytes");
+        assert_eq!(from(3, usize::MAX), Some(3));
+        assert_eq!(from(6, 1), Some(0), "not pushed yet");
+        assert_eq!(from(2, 1), None, "evicted");
+    }
+
+    #[test]
+    fn recent_messages_are_the_newest_kept_as_one_batch() {
+        let mut b = ReplayBuffer::new(10, 1000, Gauge::default());
+        assert_eq!(b.recent(5), None);
+        for (i, names) in [&["a", "b"][..], &["c"], &["d", "e", "f"]]
+            .iter()
+            .enumerate()
+        {
+            let payloads: Vec<Bytes> = names.iter().map(|n| Bytes::from(*n)).collect();
+            let fps: Vec<u64> = (0..names.len() as u64)
+                .map(|j| 10 * i as u64 + j + 1)
+                .collect();
+            let last = *fps.last().unwrap();
+            b.push_batch(frame::batch(Position::after(last), &payloads), fps);
+        }
+        let recent = |n| String::from_utf8(b.recent(n).unwrap().to_vec()).unwrap();
+        assert_eq!(
+            recent(4),
+            "id: 0000000000000017\ndata: [\"c\",\"d\",\"e\",\"f\"]\n\n"
+        );
+        assert_eq!(recent(2), "id: 0000000000000017\ndata: [\"e\",\"f\"]\n\n");
+        assert_eq!(recent(100).matches(',').count(), 5, "all six it holds");
     }
 
     #[test]
     fn byte_bound_evicts_oldest() {
         // Each frame counts its 2 bytes and 12 per message: three fit.
         let b = buffer(100, 42, 5);
-        assert_eq!(b.since(Position::after(3)), frames(&["f4", "f5"]));
-        assert_eq!(b.since(Position::after(2)), Resume::Lost);
+        assert_eq!(sent(b.since(Position::after(3))), frames(4, &["f4", "f5"]));
+        assert_eq!(sent(b.since(Position::after(2))), None);
         let newest_only = buffer(0, 0, 3);
-        assert_eq!(newest_only.since(Position::after(3)), frames(&[]));
-        assert_eq!(newest_only.since(Position::after(2)), Resume::Lost);
+        assert_eq!(sent(newest_only.since(Position::after(3))), frames(4, &[]));
+        assert_eq!(sent(newest_only.since(Position::after(2))), None);
     }
 }

@@ -12,10 +12,11 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::broker::{BrokerEvent, END_SUFFIX, SubscribeAck, is_join_channel};
+use crate::class::Classes;
 use crate::metrics::Metrics;
 use crate::position::Fingerprinter;
 use crate::replay::ReplayBuffer;
-use crate::viewer::Viewers;
+use crate::viewer::{Viewers, hand_back};
 
 /// What a session tells its subscribers. A batch (or `reset`) is named by its place in
 /// the replay buffer, which holds its bytes once for everyone: the channel carries a
@@ -82,10 +83,12 @@ pub struct Outbox {
     pub after_reset: bool,
     /// The viewers in step, whose sockets the fan-out writes to itself.
     pub viewers: Viewers,
+    /// The in-step viewers that asked to be sent less often (`delivery`).
+    pub classes: Classes,
 }
 
 impl Outbox {
-    pub fn new(replay: ReplayBuffer, buffer: usize, viewers: Viewers) -> Self {
+    pub fn new(replay: ReplayBuffer, buffer: usize, viewers: Viewers, classes: Classes) -> Self {
         let (tx, _) = broadcast::channel(buffer);
         Self {
             replay,
@@ -95,24 +98,53 @@ impl Outbox {
             fingerprints: Fingerprinter::default(),
             after_reset: false,
             viewers,
+            classes,
         }
     }
 
     /// Sends `signal` to every subscriber: written now to the viewers in step, and
-    /// through the channel to the others.
+    /// through the channel to the others. A frame is held for the delivery classes
+    /// ([`Outbox::deliver`]); anything else goes to them after what they held.
     pub fn send(&mut self, signal: Signal) {
-        let (bytes, last) = match &signal {
-            // Just pushed, so still kept.
-            Signal::Frame(seq) => (self.replay.get(*seq).unwrap_or_default(), false),
-            Signal::Heartbeat => (crate::frame::HEARTBEAT, false),
-            Signal::Last(bytes) => (bytes.clone(), true),
+        if !matches!(signal, Signal::Frame(_)) {
+            // Viewers this leaves behind read what follows from the signals: this one
+            // included.
+            hand_back(self.classes.flush(), &self.tx, self.replay.head() + 1);
+        }
+        let behind = match &signal {
+            Signal::Frame(seq) => {
+                // Just pushed, so still kept.
+                let kept = self.replay.kept(*seq);
+                let bytes = kept.as_ref().map(|k| k.bytes.clone()).unwrap_or_default();
+                if let Some(kept) = &kept {
+                    self.classes.hold(*seq, kept);
+                }
+                self.viewers.send(&bytes, false)
+            }
+            Signal::Heartbeat => {
+                let mut behind = self.viewers.send(&crate::frame::HEARTBEAT, false);
+                behind.extend(self.classes.send(&crate::frame::HEARTBEAT, false));
+                behind
+            }
+            Signal::Last(bytes) => {
+                let mut behind = self.viewers.send(bytes, true);
+                behind.extend(self.classes.send(bytes, true));
+                behind
+            }
         };
-        self.viewers.send(&self.tx, signal, &bytes, last);
+        let _ = self.tx.send(signal);
+        hand_back(behind, &self.tx, self.replay.head() + 1);
+    }
+
+    /// Sends each delivery class what it held, if it is due at `tick`.
+    pub fn deliver(&mut self, tick: u64) {
+        let behind = self.classes.deliver(tick);
+        hand_back(behind, &self.tx, self.replay.head() + 1);
     }
 
     /// Everyone a frame sent now reaches.
     pub fn receivers(&self) -> usize {
-        self.tx.receiver_count() + self.viewers.len()
+        self.tx.receiver_count() + self.viewers.len() + self.classes.len()
     }
 }
 
@@ -147,11 +179,12 @@ impl Session {
         buffer: usize,
         replay: ReplayBuffer,
         viewers: Viewers,
+        classes: Classes,
     ) -> Self {
         Self {
             id,
             inbox: Mutex::new(Inbox::default()),
-            outbox: Mutex::new(Outbox::new(replay, buffer, viewers)),
+            outbox: Mutex::new(Outbox::new(replay, buffer, viewers, classes)),
             subscribers: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
             established: AtomicBool::new(false),

@@ -1,9 +1,11 @@
 //! One admitted viewer: what it holds while its stream is open, and how it reads the
 //! session's frames. It holds a position in the session's signals and the guard that
 //! releases its slots; the frames' bytes stay in the session's replay buffer, shared.
-//! A viewer that falls behind the signals (`SUBSCRIBER_BUFFER`) or whose next frame
-//! has left the replay buffer (bounded in frames and bytes) has lagged too far: its
-//! stream ends and its browser resumes with `Last-Event-ID`.
+//! A viewer that falls behind is sent what it missed merged into one batch (a few,
+//! for a long absence: see `CATCH_UP_BYTES`), read from the replay buffer by sequence
+//! number, so falling behind the signals (`SUBSCRIBER_BUFFER`) costs it nothing. Only
+//! one whose next frame has left the replay buffer (bounded in frames and bytes) has
+//! lagged too far: its stream ends and its browser resumes with `Last-Event-ID`.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
+use crate::class::Class;
 use crate::client::ClientLimits;
 use crate::frame;
 use crate::gzip;
@@ -33,9 +36,18 @@ pub struct Subscription {
     over: bool,
     /// Set for a gzip stream: encodes what this task writes, and ends the stream.
     gzip: Option<gzip::Writer>,
-    /// A last frame the fan-out left to this task (a gzip stream ends here).
+    /// The last frame, to be sent once everything before it was (a gzip stream's
+    /// fan-out leaves it here: it ends in its task, with its own trailer).
     last: Option<Bytes>,
+    /// The sequence number of the next frame it is to be sent: it has every one
+    /// before, and skips the signals of those it was sent in a catch-up.
+    next: u64,
+    class: Class,
 }
+
+/// Bytes of missed frames merged into one catch-up write at most: what a lagging
+/// viewer holds of its own, beyond the frames shared by all.
+pub const CATCH_UP_BYTES: usize = 64 * 1024;
 
 /// Whose share of stream slots is taken.
 #[derive(Debug, PartialEq, Eq)]
@@ -116,10 +128,13 @@ impl Drop for SubscriberGuard {
 pub struct StreamOver;
 
 impl Subscription {
+    /// `signals` start at the frame numbered `next`; `prelude` holds what comes before.
     pub fn new(
         prelude: Bytes,
         signals: broadcast::Receiver<Signal>,
         guard: SubscriberGuard,
+        next: u64,
+        class: Class,
     ) -> Self {
         Self {
             prelude: Some(prelude),
@@ -129,6 +144,8 @@ impl Subscription {
             over: false,
             gzip: None,
             last: None,
+            next,
+            class,
         }
     }
 
@@ -151,12 +168,16 @@ impl Subscription {
         let session = self.guard.session.clone();
         let mut outbox = session.outbox.lock().unwrap();
         // Frames are sent under this lock: none can fall between the check and the join.
-        if self.signals.as_ref().is_none_or(|s| !s.is_empty()) {
+        let head = outbox.replay.head();
+        if self.signals.as_ref().is_none_or(|s| !s.is_empty()) || self.next <= head {
             return false;
         }
-        outbox
-            .viewers
-            .join(viewer.clone(), self.gzip.as_ref().map(|w| w.sum));
+        let gzip = self.gzip.as_ref().map(|w| w.sum);
+        if self.class.is_every_tick() {
+            outbox.viewers.join(viewer.clone(), gzip);
+        } else {
+            outbox.classes.join(self.class, viewer.clone(), gzip, head);
+        }
         self.signals = None;
         self.direct = Some(viewer.clone());
         self.guard.slots.metrics.viewers_in_step.inc();
@@ -169,21 +190,27 @@ impl Subscription {
         if self.direct.take().is_some() {
             self.guard.slots.metrics.viewers_in_step.dec();
         }
-        self.over |= handoff.signals.is_none();
+        // Nothing more comes (the socket failed, or the last frame was written),
+        // unless the last frame is left to this task.
+        self.over |= handoff.signals.is_none() && handoff.last.is_none();
         self.signals = handoff.signals;
         if let Some(sum) = handoff.gzip {
             self.gzip = Some(gzip::Writer::resume(sum));
         }
         self.last = handoff.last;
+        self.next = handoff.next;
         handoff.rest
     }
 
     /// The next bytes to send, waiting for them; `None` once the stream is over.
     pub async fn next_frame(&mut self) -> Option<Bytes> {
-        if let Some(bytes) = self.held() {
-            return Some(bytes);
-        }
-        while !self.over {
+        loop {
+            if let Some(bytes) = self.held() {
+                return Some(bytes);
+            }
+            if self.over {
+                return self.end();
+            }
             let signal = match self.signals.as_mut() {
                 Some(signals) => signals.recv().await,
                 None => Err(RecvError::Closed),
@@ -193,36 +220,46 @@ impl Subscription {
                 return Some(self.encode(bytes));
             }
         }
-        self.end()
     }
 
     /// The next bytes to send if there are some now: `Ok(None)` if not yet.
     pub fn try_next_frame(&mut self) -> Result<Option<Bytes>, StreamOver> {
-        if let Some(bytes) = self.held() {
-            return Ok(Some(bytes));
-        }
-        while !self.over {
+        loop {
+            if let Some(bytes) = self.held() {
+                return Ok(Some(bytes));
+            }
+            if self.over {
+                return self.end().map(Some).ok_or(StreamOver);
+            }
             let Some(signals) = self.signals.as_mut() else {
                 return Ok(None);
             };
             let signal = match signals.try_recv() {
-                Err(TryRecvError::Empty) => return Ok(None),
+                // Frames whose signals it fell behind may still be kept.
+                Err(TryRecvError::Empty) => return Ok(self.catch_up().map(|b| self.encode(b))),
                 other => other.map_err(|e| matches!(e, TryRecvError::Lagged(_))),
             };
             if let Some(bytes) = self.resolve(signal) {
                 return Ok(Some(self.encode(bytes)));
             }
         }
-        self.end().map(Some).ok_or(StreamOver)
     }
 
-    /// What is to be sent before any signal: the prelude, or a last frame left by
-    /// the fan-out.
+    /// What is to be sent before any signal: the prelude, or once the last frame
+    /// (`end`, `shutdown`) came, the frames it had not been sent yet, then that.
     fn held(&mut self) -> Option<Bytes> {
         if let Some(prelude) = self.prelude.take() {
             return Some(self.encode(prelude));
         }
+        self.last.as_ref()?;
+        if let Some(missed) = self.catch_up() {
+            return Some(self.encode(missed));
+        }
         let last = self.last.take()?;
+        if self.over {
+            // It lagged too far: its browser resumes, and learns of the end then.
+            return None;
+        }
         self.over = true;
         Some(self.encode(last))
     }
@@ -248,23 +285,16 @@ impl Subscription {
         out
     }
 
-    /// The bytes a signal stands for; `Err(true)` means the viewer lagged.
+    /// The bytes a signal stands for; `Err(true)` means the viewer fell behind the
+    /// signals.
     fn resolve(&mut self, signal: Result<Signal, bool>) -> Option<Bytes> {
         match signal {
-            Ok(Signal::Frame(seq)) => {
-                let frame = self.guard.session.outbox.lock().unwrap().replay.get(seq);
-                if frame.is_none() {
-                    self.lagged();
-                }
-                frame
-            }
+            // Sent already, in a catch-up.
+            Ok(Signal::Frame(seq)) if seq < self.next => None,
+            Ok(Signal::Frame(_)) | Err(true) => self.catch_up(),
             Ok(Signal::Heartbeat) => Some(frame::HEARTBEAT),
             Ok(Signal::Last(bytes)) => {
-                self.over = true;
-                Some(bytes)
-            }
-            Err(true) => {
-                self.lagged();
+                self.last = Some(bytes);
                 None
             }
             Err(false) => {
@@ -272,6 +302,30 @@ impl Subscription {
                 None
             }
         }
+    }
+
+    /// The frames from `next` on (up to `CATCH_UP_BYTES`), merged into one batch as
+    /// the viewer's class has them; `None` if there are none. A viewer whose next
+    /// frame has left the replay buffer lagged too far.
+    fn catch_up(&mut self) -> Option<Bytes> {
+        let outbox = self.guard.session.outbox.lock().unwrap();
+        let Some(frames) = outbox.replay.from(self.next, CATCH_UP_BYTES) else {
+            drop(outbox);
+            self.lagged();
+            return None;
+        };
+        drop(outbox);
+        if frames.is_empty() {
+            return None;
+        }
+        self.next += frames.len() as u64;
+        let metrics = &self.guard.slots.metrics;
+        if frames.len() > 1 {
+            metrics.catch_ups.inc();
+        }
+        let merged = frame::merge(&frames, self.class.keep(), true);
+        metrics.messages_skipped.inc_by(merged.skipped as u64);
+        Some(merged.bytes)
     }
 
     fn lagged(&mut self) {

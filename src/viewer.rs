@@ -50,6 +50,9 @@ pub struct Handoff {
     /// A last frame still to be encoded and written (gzip streams end in the task,
     /// with their own trailer).
     pub last: Option<Bytes>,
+    /// The sequence number of the first frame `signals` will name: the viewer has
+    /// every frame before it.
+    pub next: u64,
 }
 
 impl Viewer {
@@ -205,18 +208,11 @@ impl Viewers {
         }
     }
 
-    /// Writes `bytes` (the frame `signal` stands for) to every in-step viewer, then
-    /// sends `signal` on `tx` for the viewers reading at their own pace. A viewer
-    /// whose socket did not take it all is given back to its task, reading the
-    /// signals from the next one on. After a `last` frame every viewer is given back,
-    /// to close its stream.
-    pub fn send(
-        &mut self,
-        tx: &broadcast::Sender<Signal>,
-        signal: Signal,
-        bytes: &Bytes,
-        last: bool,
-    ) {
+    /// Writes `bytes` to every in-step viewer. Those whose socket did not take it
+    /// all are taken out and returned, to be given back to their tasks
+    /// ([`hand_back`]). After a `last` frame every viewer is, to close its stream.
+    #[must_use]
+    pub fn send(&mut self, bytes: &Bytes, last: bool) -> Vec<Behind> {
         let mut behind: Vec<Behind> = Vec::new();
         self.list.retain(|viewer| {
             let rest = match write(&viewer.socket, bytes) {
@@ -240,24 +236,66 @@ impl Viewers {
                 self.gzip = None;
             }
         }
-        let _ = tx.send(signal);
-        for Behind {
-            viewer,
-            mut handoff,
-            continues,
-        } in behind
-        {
-            if continues {
-                handoff.signals = Some(tx.subscribe());
+        behind
+    }
+
+    /// Adds a viewer that is first to be sent `first` (what it lacks of what the
+    /// others were sent), encoded for its stream; returns it instead if its socket
+    /// did not take that whole.
+    #[must_use]
+    pub fn join_with(
+        &mut self,
+        viewer: Arc<Viewer>,
+        mut gzip: Option<gzip::Sum>,
+        first: &Bytes,
+    ) -> Option<Behind> {
+        let out = match gzip.as_mut() {
+            None => first.clone(),
+            Some(sum) => {
+                sum.add(first);
+                let stored = gzip::stored(first);
+                self.meter.count(first.len(), stored.len(), 1);
+                stored
             }
-            viewer.hand_off(handoff);
+        };
+        let rest = match write(&viewer.socket, &out) {
+            Written::All => {
+                self.join(viewer, gzip);
+                return None;
+            }
+            Written::Part(n) => Some(out.slice(n..)),
+            Written::Failed => None,
+        };
+        let continues = rest.is_some();
+        Some(Behind::new(
+            &viewer,
+            rest.unwrap_or_default(),
+            continues,
+            gzip,
+        ))
+    }
+}
+
+/// Gives the viewers in `behind` back to their tasks; those that go on read the
+/// signals sent from here on, `next` being the first frame's sequence number.
+pub fn hand_back(behind: Vec<Behind>, tx: &broadcast::Sender<Signal>, next: u64) {
+    for Behind {
+        viewer,
+        mut handoff,
+        continues,
+    } in behind
+    {
+        if continues {
+            handoff.signals = Some(tx.subscribe());
         }
+        handoff.next = next;
+        viewer.hand_off(handoff);
     }
 }
 
 /// A viewer given back to its task, and whether it goes on reading the signals
 /// (they are subscribed to once the frame was sent, to start right after it).
-struct Behind {
+pub struct Behind {
     viewer: Arc<Viewer>,
     handoff: Handoff,
     continues: bool,
@@ -275,6 +313,7 @@ impl Behind {
                 signals: None,
                 gzip,
                 last: None,
+                next: 0,
             },
         }
     }

@@ -258,6 +258,7 @@ mod tests {
             crate::replay::ReplayBuffer::new(100, 1 << 20, Default::default()),
             4,
             crate::viewer::Viewers::new(Default::default()),
+            crate::class::Classes::new(Default::default(), Default::default()),
         );
         let plan = Plan {
             prefix: vec![msg(1), msg(2)],
@@ -266,12 +267,13 @@ mod tests {
         };
         assert_eq!(install(&mut outbox, plan), Cursor::Gap);
         assert_eq!(outbox.replay.last_message(), 2);
-        let crate::replay::Resume::Frames(frames) = outbox.replay.since(Position::after(1)) else {
+        let crate::replay::Resume::Frames { frames, .. } = outbox.replay.since(Position::after(1))
+        else {
             panic!("lost");
         };
         assert_eq!(frames.len(), 2, "the rest of the batch, then the reset");
         assert!(
-            std::str::from_utf8(&frames[1])
+            std::str::from_utf8(&frames[1].bytes)
                 .unwrap()
                 .contains("event: reset")
         );

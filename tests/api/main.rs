@@ -5,6 +5,7 @@ mod common;
 
 mod billing;
 mod chaos;
+mod classes;
 mod compression;
 mod delivery;
 mod failover;

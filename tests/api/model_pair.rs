@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_sync::broker::{Broker, Sink};
+use chat_sync::class::Asked;
 use chat_sync::config::Config;
 use chat_sync::fanout::{Ticker, Usage};
 use chat_sync::history::History;
@@ -93,7 +94,7 @@ impl Instance {
     }
 
     fn tick(&self) {
-        self.ticker.tick_once(&mut Vec::new(), Instant::now());
+        self.ticker.tick_once(&mut Vec::new(), Instant::now(), 1);
     }
 }
 
@@ -152,8 +153,11 @@ async fn attach(
     last: Option<String>,
 ) -> Subscription {
     let registry = instances[at].registry.clone();
-    let mut attach =
-        tokio::spawn(async move { registry.attach(room, last.as_deref(), LOCAL).await });
+    let mut attach = tokio::spawn(async move {
+        registry
+            .attach(room, last.as_deref(), LOCAL, Asked::default())
+            .await
+    });
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         instances.iter().for_each(Instance::tick);

@@ -1,0 +1,295 @@
+//! Delivery classes (`class`): what the stream URL's `interval_ms`, `max_batch` and
+//! `history` change for one viewer and for nobody else, and a viewer that reads slowly
+//! being caught up with merged batches instead of being cut off.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::common::{RedisServer, Subscriber, TestApp, batch, chat, seq_of, sse_path};
+
+/// What a viewer read: each event's name and the `seq`s of its messages (or, for
+/// `skipped`, the count), until it holds message `last`.
+async fn read_until(viewer: &mut Subscriber, last: usize) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    loop {
+        let e = viewer.next_event().await.expect("stream open");
+        let seqs = match e.event.as_str() {
+            "message" => batch(&e).iter().map(|p| seq_of(p).1).collect(),
+            "skipped" => {
+                let v: serde_json::Value = serde_json::from_str(&e.data).unwrap();
+                vec![v["skipped"].as_u64().expect("a count") as usize]
+            }
+            other => panic!("unexpected {other} event"),
+        };
+        let done = e.event == "message" && seqs.last() == Some(&last);
+        out.push((e.event, seqs));
+        if done {
+            return out;
+        }
+    }
+}
+
+/// The messages of `events`, in order.
+fn messages(events: &[(String, Vec<usize>)]) -> Vec<usize> {
+    events
+        .iter()
+        .filter(|(name, _)| name == "message")
+        .flat_map(|(_, seqs)| seqs.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn bad_delivery_parameters_get_400_naming_the_parameter() {
+    let app = TestApp::spawn(None, &[]).await;
+    let path = sse_path(Uuid::new_v4());
+    for (query, name) in [
+        ("interval_ms=-5", "interval_ms"),
+        ("interval_ms=600000", "interval_ms"),
+        ("interval_ms=abc", "interval_ms"),
+        ("max_batch=0", "max_batch"),
+        ("max_batch=1e3", "max_batch"),
+        ("history=100000", "history"),
+        ("history=", "history"),
+    ] {
+        let response = app.get(&format!("{path}?{query}")).await;
+        assert_eq!(response.status(), 400, "{query}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "BAD_REQUEST", "{query}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.starts_with(name), "{query}: {message}");
+    }
+    // Parameters it does not know (a page's cache-buster) are left alone.
+    let viewer = Subscriber::connect(&app.url(&format!("{path}?v=3&interval_ms=100")), None).await;
+    assert_eq!(viewer.status, 200);
+}
+
+#[tokio::test]
+async fn a_joining_viewer_asking_for_history_gets_the_last_messages_first() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let room = Uuid::new_v4();
+    let url = app.url(&sse_path(room));
+    let mut first = Subscriber::connect(&url, None).await;
+    for seq in 0..30 {
+        redis.publish(&room.to_string(), &chat("p1", seq)).await;
+    }
+    first.messages(30).await;
+
+    let mut joining = Subscriber::connect(&format!("{url}?history=10"), None).await;
+    let recent = joining.next_event().await.unwrap();
+    assert_eq!(recent.event, "message");
+    let seqs: Vec<usize> = batch(&recent).iter().map(|p| seq_of(p).1).collect();
+    assert_eq!(
+        seqs,
+        (20..30).collect::<Vec<_>>(),
+        "the newest 10, in one event"
+    );
+    redis.publish(&room.to_string(), &chat("p1", 30)).await;
+    let live: Vec<usize> = joining
+        .messages(1)
+        .await
+        .iter()
+        .map(|p| seq_of(p).1)
+        .collect();
+    assert_eq!(live, vec![30], "then the live stream, no gap and no repeat");
+
+    // More than it holds: what it holds. A resume is not a join: no history.
+    let mut all = Subscriber::connect(&format!("{url}?history=500"), None).await;
+    assert_eq!(batch(&all.next_event().await.unwrap()).len(), 31);
+    let resumed = first.last_event_id.clone();
+    let mut back = Subscriber::connect(&format!("{url}?history=10"), resumed.as_deref()).await;
+    redis.publish(&room.to_string(), &chat("p1", 31)).await;
+    let after: Vec<usize> = back.messages(1).await.iter().map(|p| seq_of(p).1).collect();
+    assert_eq!(after, vec![30], "a resume gets what it missed, not history");
+}
+
+#[tokio::test]
+async fn a_slower_class_gets_every_message_in_fewer_larger_batches() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let room = Uuid::new_v4();
+    let url = app.url(&sse_path(room));
+    let mut every_tick = Subscriber::connect(&url, None).await;
+    let mut slower = Subscriber::connect(&format!("{url}?interval_ms=3000"), None).await;
+
+    // 20 groups, each its own tick for the every-tick viewer (it is waited for).
+    let n = 100;
+    for seq in 0..n {
+        redis.publish(&room.to_string(), &chat("p1", seq)).await;
+        if seq % 5 == 4 {
+            every_tick.messages(5).await;
+        }
+    }
+    let events = read_until(&mut slower, n - 1).await;
+    assert_eq!(
+        messages(&events),
+        (0..n).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    assert!(every_tick.batches >= 20, "{} batches", every_tick.batches);
+    // At most one delivery per 3 s (plus the first, at once): fewer than half as many
+    // unless publishing took over half a minute.
+    assert!(
+        events.len() * 2 <= every_tick.batches,
+        "{} batches at 3 s against {} at every tick",
+        events.len(),
+        every_tick.batches
+    );
+}
+
+#[tokio::test]
+async fn max_batch_keeps_the_newest_and_says_how_many_were_skipped() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let room = Uuid::new_v4();
+    let url = app.url(&sse_path(room));
+    let mut everything = Subscriber::connect(&url, None).await;
+    let mut capped =
+        Subscriber::connect(&format!("{url}?max_batch=3&interval_ms=1000"), None).await;
+    let n = 40;
+    for seq in 0..n {
+        redis.publish(&room.to_string(), &chat("p1", seq)).await;
+    }
+    everything.messages(n).await;
+    let events = read_until(&mut capped, n - 1).await;
+
+    // Each batch is at most 3 messages, and says (just before it) how many came
+    // between it and the batch before: together, exactly the published sequence.
+    let mut next = 0;
+    let mut told = 0;
+    let mut skipped = 0;
+    for (name, seqs) in &events {
+        if name == "skipped" {
+            told = seqs[0];
+            continue;
+        }
+        assert!(seqs.len() <= 3, "{seqs:?}");
+        assert_eq!(seqs[0], next + told, "skips as said, nothing else missing");
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        skipped += told;
+        told = 0;
+        next = seqs.last().unwrap() + 1;
+    }
+    assert_eq!(next, n);
+    assert!(
+        skipped > 0,
+        "40 messages within a few seconds, 3 per second at most"
+    );
+    // What the original client does with each batch still works: every element is a
+    // JSON string holding a chat message.
+    assert!(
+        events
+            .iter()
+            .filter(|(name, _)| name == "message")
+            .all(|(_, seqs)| !seqs.is_empty())
+    );
+    assert_eq!(
+        app.metric("chat_sync_messages_skipped_total").await,
+        skipped as f64
+    );
+}
+
+/// `chat(.., seq)` with 10 KB more: the test's 15 MB are more than the kernel's socket
+/// buffers hold, so the slow reader falls far behind in the server too.
+fn bulky(seq: usize) -> String {
+    let mut message: serde_json::Value = serde_json::from_str(&chat("p1", seq)).unwrap();
+    message["attachment"] = "z".repeat(10_240).into();
+    message.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_caught_up_with_merged_batches_and_keeps_its_stream() {
+    let redis = RedisServer::start().await;
+    // Falling 16 frames behind the signals used to cut a viewer off. The replay
+    // buffer keeps all of this test's frames, and the stall guard waits for a reader
+    // this slow.
+    let app = TestApp::spawn(
+        Some(&redis),
+        &[
+            ("SUBSCRIBER_BUFFER", "16"),
+            ("SLOW_CLIENT_TIMEOUT_MS", "600000"),
+            ("REPLAY_BATCHES", "100000"),
+            ("REPLAY_BYTES", "268435456"),
+        ],
+    )
+    .await;
+    let room = Uuid::new_v4();
+    let url = app.url(&sse_path(room));
+    let mut fast = Subscriber::connect(&url, None).await;
+    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(addr).await.unwrap();
+    let request = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", sse_path(room));
+    slow.write_all(request.as_bytes()).await.unwrap();
+    crate::common::wait_until("both are in step", || async {
+        app.metric("chat_sync_viewers_in_step").await == 2.0
+    })
+    .await;
+
+    // One batch per publish for the fast viewer (it is waited for); the slow one
+    // reads a little now and then, and falls hundreds of frames behind.
+    let n = 1500;
+    let mut received = Vec::new();
+    for seq in 0..n {
+        redis.publish(&room.to_string(), &bulky(seq)).await;
+        fast.messages(1).await;
+        if seq % 10 == 9 {
+            let mut chunk = vec![0u8; 2048];
+            if let Ok(Ok(got)) =
+                tokio::time::timeout(Duration::from_millis(1), slow.read(&mut chunk)).await
+            {
+                received.extend_from_slice(&chunk[..got]);
+            }
+        }
+    }
+    redis
+        .publish(&format!("{room}_END"), &format!(r#"{{"id":"{room}"}}"#))
+        .await;
+    slow.read_to_end(&mut received).await.unwrap();
+
+    let text = String::from_utf8(received).unwrap();
+    let body = text.split_once("\r\n\r\n").expect("a response head").1;
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| e.contains("data: ["))
+        .collect();
+    let seqs: Vec<usize> = events
+        .iter()
+        .flat_map(|e| {
+            let data = e.split_once("data: ").unwrap().1;
+            serde_json::from_str::<Vec<String>>(data).unwrap()
+        })
+        .map(|p| seq_of(&p).1)
+        .collect();
+    assert!(
+        seqs == (0..n).collect::<Vec<_>>(),
+        "every message once, in order: got {} up to {:?}, cut off {} times, ending {:?}",
+        seqs.len(),
+        seqs.last(),
+        app.metric("chat_sync_slow_subscribers_dropped_total").await,
+        &body[body.len().saturating_sub(200)..]
+    );
+    assert!(
+        body.ends_with(&format!("event: end\ndata: {{\"id\":\"{room}\"}}\n\n")),
+        "and its stream ended at the end, not before"
+    );
+    assert_eq!(
+        app.metric("chat_sync_slow_subscribers_dropped_total").await,
+        0.0,
+        "never cut off"
+    );
+    assert!(app.metric("chat_sync_catch_ups_total").await >= 1.0);
+    // Each message was its own batch (the fast viewer was waited for): an event with
+    // more is frames merged.
+    let most = events
+        .iter()
+        .map(|e| e.matches("\\\"seq\\\":").count())
+        .max();
+    assert!(
+        most > Some(1),
+        "what it missed came merged: at most {most:?} per event"
+    );
+}
