@@ -85,6 +85,9 @@ scenario_args() {
     # at 5,000 gzip streams it was the bottleneck (its own backlog showed as latency).
     gzip-big-room) echo "--connections ${GZIP_VIEWERS:-2000} --sessions 1 --rate 200 --connect-rate 5000 --realistic" ;;
     gzip-one-per-batch) echo "--connections 2000 --sessions 1 --rate 20 --connect-rate 5000 --realistic" ;;
+    # Delivery classes (`chat-sync-paced`: the same server, its viewers asking for
+    # `interval_ms=250`): the big room, every viewer paced, against every tick.
+    paced-big-room) echo "--connections 5000 --sessions 1 --rate 200 --connect-rate 5000" ;;
     gzip-idle)  echo "--connections 19000 --sessions 1000 --rate 0 --connect-rate 4000 --source 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4" ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
@@ -92,6 +95,7 @@ scenario_args() {
 
 start_chat_sync_base() { start_chat_sync "$base_bin"; }
 start_chat_sync_gzip() { start_chat_sync; target_args="$target_args --gzip"; }
+start_chat_sync_paced() { start_chat_sync; target_args="$target_args --query interval_ms=${INTERVAL_MS:-250}"; }
 
 start_chat_sync() {
   local bin=${1:-$chat_sync_bin}
@@ -170,6 +174,7 @@ for run in $(seq "$RUNS"); do
     case "$scenario" in nginx-rooms | nginx-big-room) targets="chat-sync-nginx" ;; esac
     [ "$scenario" = hot-room ] && targets="chat-sync-nginx" && HOT=1
     case "$scenario" in gzip-*) targets="chat-sync chat-sync-gzip" ;; esac
+    [ "$scenario" = paced-big-room ] && targets="chat-sync chat-sync-paced"
     for target in $targets; do
       settle_ports
       "start_${target//-/_}"

@@ -53,7 +53,7 @@ for (label, _) in rows:
     if label not in scenarios and not label.endswith("-probe"):
         scenarios.append(label)
 for label in scenarios:
-    for server in ("chat-sync", "chat-sync-gzip", "chat-sync-base", "chat-sync-nginx", "nchan"):
+    for server in ("chat-sync", "chat-sync-gzip", "chat-sync-paced", "chat-sync-base", "chat-sync-nginx", "nchan"):
         rs = rows.get((label, server))
         if not rs:
             continue
@@ -104,3 +104,15 @@ if gzip:
               f"{ratio(z, p, lambda r: r['server_cpu_us_per_delivery'])} | "
               f"{ratio(z, p, lambda r: r['server_rss_kib_per_connection'])} | "
               f"{ratio(z, p, p99)} | {probe} |")
+
+paced = [label for label in scenarios if rows.get((label, "chat-sync-paced")) and rows.get((label, "chat-sync"))]
+if paced:
+    print()
+    print("| scenario | paced / every tick: server CPU (% of a core) | server CPU per message | messages per event, every tick → paced | p50 ms, every tick → paced |")
+    print("|---|---|---|---|---|")
+    core = lambda r: r["server_cpu_secs"] / r["window_secs"]
+    for label in paced:
+        z, p = rows[(label, "chat-sync-paced")], rows[(label, "chat-sync")]
+        print(f"| {label} | {ratio(z, p, core)} | {ratio(z, p, lambda r: r['server_cpu_us_per_delivery'])} | "
+              f"{med(p, lambda r: r['avg_batch']):.1f} → {med(z, lambda r: r['avg_batch']):.1f} | "
+              f"{med(p, lambda r: r['latency_ms']['p50']):.1f} → {med(z, lambda r: r['latency_ms']['p50']):.1f} |")

@@ -67,7 +67,8 @@ async fn connect(args: &Args, session: usize, source: IpAddr) -> io::Result<(Tcp
     stream.set_nodelay(true)?;
     let id = session_id(args.run, session);
     let path = match args.target {
-        Target::ChatSync => format!("/api/v1/chats/sse-connect/{id}"),
+        Target::ChatSync if args.query.is_empty() => format!("/api/v1/chats/sse-connect/{id}"),
+        Target::ChatSync => format!("/api/v1/chats/sse-connect/{id}?{}", args.query),
         Target::Nchan => format!("/sub/{id}"),
     };
     let encoding = if args.gzip {

@@ -83,6 +83,10 @@ pub struct Args {
     /// Seconds to wait for stragglers after publishing stops.
     #[arg(long, default_value_t = 2)]
     pub drain: u64,
+    /// Query string for chat-sync's stream URL (e.g. `interval_ms=250`: a delivery
+    /// class).
+    #[arg(long, default_value = "")]
+    pub query: String,
     /// Ask for gzip streams (`Accept-Encoding: gzip`, as browsers do) and decode them.
     #[arg(long)]
     pub gzip: bool,
