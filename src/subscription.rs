@@ -338,13 +338,13 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if let Some(viewer) = self.direct.take() {
-            self.guard
-                .session
-                .outbox
-                .lock()
-                .unwrap()
-                .viewers
-                .leave(&viewer);
+            let mut outbox = self.guard.session.outbox.lock().unwrap();
+            if self.class.is_every_tick() {
+                outbox.viewers.leave(&viewer);
+            } else {
+                outbox.classes.leave(&viewer);
+            }
+            drop(outbox);
             self.guard.slots.metrics.viewers_in_step.dec();
         }
     }

@@ -113,6 +113,8 @@ async fn a_slower_class_gets_every_message_in_fewer_larger_batches() {
     let url = app.url(&sse_path(room));
     let mut every_tick = Subscriber::connect(&url, None).await;
     let mut slower = Subscriber::connect(&format!("{url}?interval_ms=3000"), None).await;
+    // The same class, gzip-compressed: the class's viewers share one compressor.
+    let mut slower_gzip = Subscriber::connect_gzip(&format!("{url}?interval_ms=3000"), None).await;
 
     // 20 groups, each its own tick for the every-tick viewer (it is waited for).
     let n = 100;
@@ -123,6 +125,11 @@ async fn a_slower_class_gets_every_message_in_fewer_larger_batches() {
         }
     }
     let events = read_until(&mut slower, n - 1).await;
+    assert_eq!(
+        messages(&read_until(&mut slower_gzip, n - 1).await),
+        messages(&events),
+        "a gzip viewer of the class reads the same"
+    );
     assert_eq!(
         messages(&events),
         (0..n).collect::<Vec<_>>(),
@@ -292,4 +299,68 @@ async fn a_slow_reader_is_caught_up_with_merged_batches_and_keeps_its_stream() {
         most > Some(1),
         "what it missed came merged: at most {most:?} per event"
     );
+}
+
+#[tokio::test]
+async fn a_paced_viewer_that_leaves_is_let_go() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let room = Uuid::new_v4();
+    let url = app.url(&sse_path(room));
+    let mut stays = Subscriber::connect(&url, None).await;
+    let leaves = Subscriber::connect(&format!("{url}?interval_ms=5000&max_batch=5"), None).await;
+    crate::common::wait_until("both are in step", || async {
+        app.metric("chat_sync_viewers_in_step").await == 2.0
+    })
+    .await;
+    drop(leaves);
+    crate::common::wait_until("it left", || async {
+        app.metric("chat_sync_connections").await == 1.0
+    })
+    .await;
+    // Its class is gone with it: a message reaches one viewer, not two.
+    let before = app.metric("chat_sync_messages_delivered_total").await;
+    redis.publish(&room.to_string(), &chat("p1", 0)).await;
+    stays.messages(1).await;
+    assert_eq!(
+        app.metric("chat_sync_messages_delivered_total").await,
+        before + 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_session_serves_a_bounded_number_of_classes() {
+    let app = TestApp::spawn(None, &[]).await;
+    let room = Uuid::new_v4();
+    let url = app.url(&sse_path(room));
+    let class = |i: usize| format!("{url}?max_batch={}", i + 1);
+    let mut viewers = Vec::new();
+    for i in 0..16 {
+        viewers.push(Subscriber::connect(&class(i), None).await);
+    }
+    crate::common::wait_until("all are in step", || async {
+        app.metric("chat_sync_viewers_in_step").await == 16.0
+    })
+    .await;
+    let refused = app.get(&format!("{}?max_batch=17", sse_path(room))).await;
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("delivery classes")
+    );
+    // An existing class, or every tick, is still served.
+    assert_eq!(Subscriber::connect(&class(3), None).await.status, 200);
+    assert_eq!(Subscriber::connect(&url, None).await.status, 200);
+    // Once a class has no viewer left, another may take its place.
+    drop(viewers.remove(0));
+    crate::common::wait_until("a class is free", || async {
+        app.get(&format!("{}?max_batch=17", sse_path(room)))
+            .await
+            .status()
+            == 200
+    })
+    .await;
 }
