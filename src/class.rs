@@ -27,6 +27,10 @@ pub const MAX_INTERVAL_MS: u64 = 10_000;
 pub const MAX_BATCH: usize = 1_000;
 /// Most recent messages a joining viewer may ask for (`history`).
 pub const MAX_HISTORY: usize = 500;
+/// Classes a session serves at most: each holds frames, and with gzip viewers a
+/// compressor. A connect that would add one more is refused (`503`); pages use a few
+/// modes, which their viewers share.
+pub const MAX_CLASSES: usize = 16;
 /// Bytes of frames a class holds for its next delivery; beyond, it is delivered early,
 /// so a slow class over a busy session holds a bounded amount.
 const MAX_HELD_BYTES: usize = 256 * 1024;
@@ -207,6 +211,14 @@ impl Classes {
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
+    }
+
+    /// Whether a viewer of `class` may be added: every-tick viewers and existing
+    /// classes always; a new class while there are fewer than [`MAX_CLASSES`].
+    pub fn admits(&self, class: Class) -> bool {
+        class.is_every_tick()
+            || self.groups.len() < MAX_CLASSES
+            || self.groups.iter().any(|g| g.class == class)
     }
 
     /// Whether a class holds frames still to be delivered.

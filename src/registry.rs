@@ -38,6 +38,8 @@ pub enum AttachError {
     TooManyConnections,
     #[error("this session has reached its connection limit")]
     TooManySessionConnections,
+    #[error("this session has reached its limit of delivery classes (interval_ms, max_batch)")]
+    TooManyClasses,
     #[error("this instance has reached its session limit")]
     TooManySessions,
     #[error("this client has reached its limit of open streams")]
@@ -140,6 +142,7 @@ impl Registry {
                 AttachError::ShuttingDown => "shutting_down",
                 AttachError::TooManyConnections => "max_connections",
                 AttachError::TooManySessionConnections => "max_connections_per_session",
+                AttachError::TooManyClasses => "max_classes_per_session",
                 AttachError::TooManySessions => "max_sessions",
                 AttachError::TooManyClientStreams => "max_streams_per_client",
                 AttachError::TooManyNewSessions => "new_sessions_per_client",
@@ -264,6 +267,9 @@ impl Registry {
             } else {
                 AttachError::Ended
             });
+        }
+        if !outbox.classes.admits(asked.class) {
+            return Admitted::Refused(AttachError::TooManyClasses);
         }
         let mut prelude = BytesMut::from(&frame::retry(self.limits.client_retry)[..]);
         let mut next = outbox.replay.head() + 1;
