@@ -27,9 +27,6 @@ async fn page() -> impl IntoResponse {
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
-            // The page's stream then gets a connection of its own, which is served on
-            // the stream path and compressed (see `sse::Direct`).
-            (header::CONNECTION, "close"),
         ],
         PAGE,
     )

@@ -64,15 +64,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [
-            (
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
-            // Not kept for reuse: a browser (the demo page polls this) would send its
-            // next stream on it, through the general HTTP stack, uncompressed.
-            (header::CONNECTION, "close"),
-        ],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
 }

@@ -9,7 +9,10 @@ mod publish;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{HeaderName, HeaderValue, Method};
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use uuid::Uuid;
@@ -44,10 +47,28 @@ pub fn router(state: AppState) -> Router {
         .merge(health::router())
         .merge(demo::router())
         .with_state(state)
+        .layer(middleware::from_fn(close_after_get))
         .layer(SetResponseHeaderLayer::overriding(
             HeaderName::from_static("x-instance-id"),
             instance,
         ))
+}
+
+/// Every GET answered by hyper (the demo page, health, metrics, the API description)
+/// closes its connection. A browser would otherwise send its next stream on that
+/// connection, which hyper serves, plain: only a stream on a connection of its own is
+/// served on the stream path, where its session's compressed bytes are shared (see
+/// `sse::Direct`). The publish API (POST) keeps its connections.
+async fn close_after_get(request: Request, next: Next) -> Response {
+    let close = request.method() == Method::GET
+        && request.extensions().get::<crate::sse::Direct>().is_none();
+    let mut response = next.run(request).await;
+    if close {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 fn cors(origins: &CorsOrigins) -> CorsLayer {

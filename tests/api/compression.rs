@@ -276,3 +276,35 @@ async fn with_compression_off_every_viewer_gets_the_plain_stream() {
     assert_eq!(viewer.messages(1).await, vec![chat("a", 0)]);
     assert_eq!(app.metric("chat_sync_gzip_wire_bytes_total").await, 0.0);
 }
+
+#[tokio::test]
+async fn a_browsers_stream_after_any_page_or_probe_is_still_compressed() {
+    let app = TestApp::spawn(None, &[]).await;
+    let room = Uuid::new_v4();
+    // One client, one connection pool, as a browser tab: whatever it fetched before,
+    // its stream must not be sent on a connection hyper kept (which is served plain).
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .build()
+        .unwrap();
+    for path in ["/healthz", "/readyz", "/openapi.json", "/", "/metrics"] {
+        let response = client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.headers()["connection"], "close", "{path}");
+        response.bytes().await.unwrap();
+        let stream = client
+            .get(app.url(&sse_path(room)))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), 200);
+        assert_eq!(
+            stream
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap()),
+            Some("gzip"),
+            "a stream after {path}"
+        );
+    }
+}
