@@ -149,6 +149,40 @@ for (const mode of MODES) test(`_END shows the session ended and the browser sto
   }
 });
 
+for (const mode of MODES) test(`the mobile mode shows at most 20 per batch and what it skipped; a joining page shows recent chat (${mode.label})`, async () => {
+  const redis = await startRedis();
+  const server = await startServer({ REDIS_URL: `redis://127.0.0.1:${redis.port}`, ...mode.env });
+  try {
+    const room = randomUUID();
+    const page = await openPage(server.url(`/#${room}`));
+    await page.selectOption("#mode", "interval_ms=1000&max_batch=20");
+    await page.waitForSelector("#state.live");
+    const sent = Array.from({ length: 200 }, (_, i) => chat(i));
+    await redis.publish(room, sent);
+    await page.waitForFunction((last) => [...document.querySelectorAll(".msg")]
+      .some((e) => e.dataset.payload === last), sent.at(-1));
+    const got = await shown(page);
+    const skipped = parseInt(await page.textContent("#skipped"), 10);
+    assert.ok(skipped > 0, "200 messages at once, 20 a second at most: some were skipped");
+    assert.equal(got.length + skipped, 200, "every message either shown or counted as skipped");
+    // What is shown is the published order with gaps, each gap marked where it is.
+    let at = 0;
+    for (const payload of got) at = sent.indexOf(payload, at) + 1;
+    assert.equal(at, 200, "shown in order, none twice");
+    assert.ok(await page.$(".notice.skip"), "the gap is marked in the chat");
+    assertStreams(page, mode);
+
+    // A page that joins now (every batch) starts with the last 50 messages.
+    const joining = await openPage(server.url(`/#${room}`));
+    await joining.waitForFunction(() => document.querySelectorAll(".msg").length >= 50);
+    assert.deepEqual(await shown(joining), sent.slice(150));
+    await Promise.all([page.close(), joining.close()]);
+  } finally {
+    await server.stop();
+    redis.stop();
+  }
+});
+
 /** A page on another origin that subscribes to `streamUrl` with EventSource. */
 async function foreignOrigin(streamUrl) {
   const html = `<!doctype html><script>
