@@ -87,7 +87,7 @@ scenario_args() {
     gzip-one-per-batch) echo "--connections 2000 --sessions 1 --rate 20 --connect-rate 5000 --realistic" ;;
     # Delivery classes (`chat-sync-paced`: the same server, its viewers asking for
     # `interval_ms=250`): the big room, every viewer paced, against every tick.
-    paced-big-room) echo "--connections 5000 --sessions 1 --rate 200 --connect-rate 5000" ;;
+    paced-big-room) echo "--connections ${PACED_VIEWERS:-5000} --sessions 1 --rate 200 --connect-rate 5000 ${PACED_GZIP:+--gzip --realistic}" ;;
     gzip-idle)  echo "--connections 19000 --sessions 1000 --rate 0 --connect-rate 4000 --source 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4" ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
