@@ -73,6 +73,74 @@ impl Sum {
     }
 }
 
+/// What a viewer's stream carried, as its trailer needs it: the CRC-32 and the length
+/// mod 2^32. Half a [`Sum`]: it is kept for every gzip viewer in step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    crc: u32,
+    len: u32,
+}
+
+impl From<Sum> for Carried {
+    fn from(sum: Sum) -> Self {
+        Self {
+            crc: sum.crc,
+            len: sum.len as u32,
+        }
+    }
+}
+
+impl Carried {
+    /// As a sum to carry on from: only the trailer reads its length, mod 2^32.
+    pub fn sum(self) -> Sum {
+        Sum {
+            crc: self.crc,
+            len: u64::from(self.len),
+        }
+    }
+}
+
+/// The same bytes appended to many streams' CRCs at once. crc(a‖b) = shift(crc(a), |b|)
+/// ⊕ crc(b), and the shift by |b| bytes is linear over GF(2): worked out once as the
+/// images of the 32 bits, it is 32 XORs at most per stream, where a combine per stream
+/// would take a matrix power each.
+pub struct Append {
+    columns: [u32; 32],
+    tail: Sum,
+}
+
+impl Append {
+    /// Appending bytes that sum to `tail`.
+    pub fn new(tail: Sum) -> Self {
+        let shift = Sum {
+            crc: 0,
+            len: tail.len,
+        };
+        let columns = std::array::from_fn(|bit| {
+            Sum {
+                crc: 1 << bit,
+                len: 0,
+            }
+            .then(shift)
+            .crc
+        });
+        Self { columns, tail }
+    }
+
+    pub fn to(&self, carried: Carried) -> Carried {
+        let mut crc = self.tail.crc;
+        let mut bits = carried.crc;
+        while bits != 0 {
+            crc ^= self.columns[bits.trailing_zeros() as usize];
+            bits &= bits - 1;
+        }
+        Carried {
+            crc,
+            len: carried.len.wrapping_add(self.tail.len as u32),
+        }
+    }
+}
+
 /// `frame` as stored deflate blocks (not the last): readable after any whole block.
 pub fn stored(frame: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(frame.len() + 5 * (frame.len() / MAX_STORED + 1));
@@ -258,6 +326,27 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Appending with the shift worked out once is appending the bytes, for any
+        /// stream carried so far, across several keyframes.
+        #[test]
+        fn appending_a_tail_to_many_streams_is_appending_its_bytes(
+            heads in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..5),
+            tails in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..3000), 1..4),
+        ) {
+            let mut carried: Vec<Carried> = heads.iter().map(|h| Sum::of(h).into()).collect();
+            let mut whole: Vec<Vec<u8>> = heads.clone();
+            for tail in &tails {
+                let append = Append::new(Sum::of(tail));
+                for (c, w) in carried.iter_mut().zip(&mut whole) {
+                    *c = append.to(*c);
+                    w.extend_from_slice(tail);
+                }
+            }
+            for (c, w) in carried.iter().zip(&whole) {
+                prop_assert_eq!(*c, Carried::from(Sum::of(w)));
+            }
+        }
 
         /// A viewer sent its first frames as stored blocks, then the shared bytes from
         /// a keyframe on, then its own end, reads exactly its frames, and the trailer

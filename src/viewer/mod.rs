@@ -14,7 +14,6 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::task::AtomicWaker;
@@ -24,6 +23,10 @@ use tokio::sync::broadcast;
 use crate::gzip;
 use crate::metrics::GzipMeter;
 use crate::session::Signal;
+
+mod gzipped;
+
+use gzipped::Gzipped;
 
 /// An accepted connection's socket, which the fan-out writes to while its viewer is
 /// in step. Every connection has one (`net::GuardedStream` reads and writes through
@@ -105,10 +108,6 @@ fn write(socket: &TcpStream, bytes: &[u8]) -> Written {
     }
 }
 
-/// Least time between two keyframes made for joining viewers: each costs the next
-/// frame the compressor's memory of what came before.
-const KEYFRAME_SPACING: Duration = Duration::from_secs(1);
-
 /// A session's in-step viewers. Lives in the outbox, so it is only touched under the
 /// outbox lock.
 pub struct Viewers {
@@ -116,33 +115,6 @@ pub struct Viewers {
     /// Viewers sent the session's gzip stream (see `gzip`), while there are some.
     gzip: Option<Box<Gzipped>>,
     meter: GzipMeter,
-}
-
-/// The in-step viewers of the gzip stream, and the stream they share.
-struct Gzipped {
-    list: Vec<(Arc<Viewer>, Place)>,
-    stream: gzip::Shared,
-    last_key: Option<Instant>,
-    meter: GzipMeter,
-}
-
-/// Where a gzip viewer stands in the session's stream.
-enum Place {
-    /// Sent stored blocks until the next keyframe; what its stream carried so far.
-    Own(gzip::Sum),
-    /// Sent the shared bytes since the keyframe where its stream had carried `own`
-    /// and the session's `at`.
-    Shared { own: gzip::Sum, at: gzip::Sum },
-}
-
-impl Place {
-    /// What the viewer's stream carried, the session's having carried `stream`.
-    fn sum(&self, stream: gzip::Sum) -> gzip::Sum {
-        match self {
-            Place::Own(own) => *own,
-            Place::Shared { own, at } => own.then(stream.since(*at)),
-        }
-    }
 }
 
 impl Viewers {
@@ -155,7 +127,7 @@ impl Viewers {
     }
 
     pub fn len(&self) -> usize {
-        self.list.len() + self.gzip.as_ref().map_or(0, |g| g.list.len())
+        self.list.len() + self.gzip.as_ref().map_or(0, |g| g.len())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -169,15 +141,9 @@ impl Viewers {
             return;
         };
         let meter = &self.meter;
-        let g = self.gzip.get_or_insert_with(|| {
-            Box::new(Gzipped {
-                list: Vec::new(),
-                stream: gzip::Shared::new(gzip::LEVEL),
-                last_key: None,
-                meter: meter.clone(),
-            })
-        });
-        g.list.push((viewer, Place::Own(sum)));
+        self.gzip
+            .get_or_insert_with(|| Box::new(Gzipped::new(meter.clone())))
+            .join(viewer, sum);
     }
 
     /// Takes `viewer` out (its stream is closing); false if the fan-out had already
@@ -190,11 +156,10 @@ impl Viewers {
         let Some(g) = self.gzip.as_mut() else {
             return false;
         };
-        let Some(at) = g.list.iter().position(|(v, _)| Arc::ptr_eq(v, viewer)) else {
+        if !g.leave(viewer) {
             return false;
-        };
-        g.list.swap_remove(at);
-        if g.list.is_empty() {
+        }
+        if g.len() == 0 {
             self.gzip = None;
         }
         true
@@ -204,7 +169,7 @@ impl Viewers {
     /// starts afresh.
     pub fn release_compressor(&mut self) {
         if let Some(g) = self.gzip.as_mut() {
-            g.stream.release();
+            g.release_compressor();
         }
     }
 
@@ -232,7 +197,7 @@ impl Viewers {
         });
         if let Some(g) = self.gzip.as_mut() {
             g.send(bytes, last, &mut behind);
-            if g.list.is_empty() {
+            if g.len() == 0 {
                 self.gzip = None;
             }
         }
@@ -315,84 +280,6 @@ impl Behind {
                 last: None,
                 next: 0,
             },
-        }
-    }
-}
-
-impl Gzipped {
-    fn send(&mut self, bytes: &Bytes, last: bool, behind: &mut Vec<Behind>) {
-        if self.list.is_empty() {
-            return;
-        }
-        if last {
-            // Each stream ends with its own trailer, written by its task.
-            for (viewer, place) in self.list.drain(..) {
-                let sum = place.sum(self.stream.sum);
-                let mut ends = Behind::new(&viewer, Bytes::new(), false, Some(sum));
-                ends.handoff.last = Some(bytes.clone());
-                behind.push(ends);
-            }
-            return;
-        }
-        let waiting = self.list.iter().any(|(_, p)| matches!(p, Place::Own(_)));
-        let now = Instant::now();
-        let key = !self.stream.is_running()
-            || (waiting
-                && self
-                    .last_key
-                    .is_none_or(|at| now.duration_since(at) >= KEYFRAME_SPACING));
-        if key {
-            self.last_key = Some(now);
-            let at = self.stream.sum;
-            for (_, place) in &mut self.list {
-                if let Place::Own(own) = place {
-                    *place = Place::Shared { own: *own, at };
-                }
-            }
-        }
-        let shared = self
-            .list
-            .iter()
-            .any(|(_, p)| matches!(p, Place::Shared { .. }))
-            .then(|| self.stream.compress(bytes, key));
-        if shared.is_none() {
-            self.stream.skip(bytes);
-        }
-        let stored = (waiting && !key).then(|| gzip::stored(bytes));
-        let stream = self.stream.sum;
-        let (mut shared_to, mut stored_to) = (0, 0);
-        self.list.retain_mut(|(viewer, place)| {
-            let out = match place {
-                Place::Own(own) => {
-                    own.add(bytes);
-                    stored_to += 1;
-                    stored.as_ref().expect("made for viewers waiting")
-                }
-                Place::Shared { .. } => {
-                    shared_to += 1;
-                    shared.as_ref().expect("made for viewers in step")
-                }
-            };
-            let rest = match write(&viewer.socket, out) {
-                Written::All => return true,
-                Written::Part(n) => Some(out.slice(n..)),
-                Written::Failed => None,
-            };
-            let continues = rest.is_some();
-            let sum = place.sum(stream);
-            behind.push(Behind::new(
-                viewer,
-                rest.unwrap_or_default(),
-                continues,
-                Some(sum),
-            ));
-            false
-        });
-        if let Some(shared) = &shared {
-            self.meter.count(bytes.len(), shared.len(), shared_to);
-        }
-        if let Some(stored) = &stored {
-            self.meter.count(bytes.len(), stored.len(), stored_to);
         }
     }
 }
