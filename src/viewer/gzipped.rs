@@ -25,7 +25,7 @@ pub struct Gzipped {
     list: Vec<(Arc<Viewer>, gzip::Carried)>,
     /// Viewers sent stored blocks until the next keyframe, and what each stream
     /// carried so far.
-    waiting: Vec<(Arc<Viewer>, gzip::Sum)>,
+    waiting: Vec<(Arc<Viewer>, gzip::Carried)>,
     stream: gzip::Shared,
     /// The session's stream at the last keyframe.
     key_at: gzip::Sum,
@@ -51,7 +51,7 @@ impl Gzipped {
 
     /// Adds a viewer whose stream carried `sum`; it waits for the next keyframe.
     pub fn join(&mut self, viewer: Arc<Viewer>, sum: gzip::Sum) {
-        self.waiting.push((viewer, sum));
+        self.waiting.push((viewer, sum.into()));
     }
 
     /// Takes `viewer` out; false if it is not here.
@@ -92,7 +92,7 @@ impl Gzipped {
                 .list
                 .iter()
                 .map(|(v, at)| (v.clone(), self.carried(*at)))
-                .chain(self.waiting.iter().cloned())
+                .chain(self.waiting.iter().map(|(v, own)| (v.clone(), own.sum())))
                 .collect();
             self.list.clear();
             self.waiting.clear();
@@ -116,8 +116,7 @@ impl Gzipped {
             for (_, at) in &mut self.list {
                 *at = append.to(*at);
             }
-            let joining = self.waiting.drain(..).map(|(v, sum)| (v, sum.into()));
-            self.list.extend(joining);
+            self.list.append(&mut self.waiting);
             self.key_at = self.stream.sum;
         }
         let shared = (!self.list.is_empty()).then(|| self.stream.compress(bytes, key));
@@ -150,8 +149,10 @@ impl Gzipped {
             let stored = gzip::stored(bytes);
             self.meter
                 .count(bytes.len(), stored.len(), self.waiting.len());
-            self.waiting.retain_mut(|(viewer, sum)| {
+            self.waiting.retain_mut(|(viewer, own)| {
+                let mut sum = own.sum();
                 sum.add(bytes);
+                *own = sum.into();
                 let rest = match write(&viewer.socket, &stored) {
                     Written::All => return true,
                     Written::Part(n) => Some(stored.slice(n..)),
@@ -162,7 +163,7 @@ impl Gzipped {
                     viewer,
                     rest.unwrap_or_default(),
                     continues,
-                    Some(*sum),
+                    Some(sum),
                 ));
                 false
             });

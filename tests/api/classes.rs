@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
 use crate::common::{RedisServer, Subscriber, TestApp, batch, chat, seq_of, sse_path};
@@ -225,12 +225,7 @@ async fn a_slow_reader_is_caught_up_with_merged_batches_and_keeps_its_stream() {
     let room = Uuid::new_v4();
     let url = app.url(&sse_path(room));
     let mut fast = Subscriber::connect(&url, None).await;
-    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(addr).await.unwrap();
-    let request = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", sse_path(room));
-    slow.write_all(request.as_bytes()).await.unwrap();
+    let mut slow = app.slow_viewer(room, "").await;
     crate::common::wait_until("both are in step", || async {
         app.metric("chat_sync_viewers_in_step").await == 2.0
     })

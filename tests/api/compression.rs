@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
 use crate::common::sse::Gunzip;
@@ -193,15 +193,7 @@ async fn a_slow_gzip_viewer_is_handed_back_and_its_stream_stays_whole() {
     let mut fast = Subscriber::connect_gzip(&url, None).await;
     // A reader with a small receive buffer that reads only now and then: the server's
     // writes to it are partial, it is handed back to its task, and catches up again.
-    let addr: std::net::SocketAddr = app.base.trim_start_matches("http://").parse().unwrap();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut slow = socket.connect(addr).await.unwrap();
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n",
-        sse_path(room)
-    );
-    slow.write_all(request.as_bytes()).await.unwrap();
+    let mut slow = app.slow_viewer(room, "Accept-Encoding: gzip\r\n").await;
     crate::common::wait_until("both are in step", || async {
         app.metric("chat_sync_viewers_in_step").await == 2.0
     })

@@ -422,8 +422,11 @@ async fn walk(seed: u64) -> Walked {
     let mut names: Vec<u64> = Vec::new();
     let mut fingerprints = Fingerprinter::default();
     let mut viewers: Vec<Viewer> = Vec::new();
-    let mut handles = Vec::new();
-    let mut tick = 0;
+    let mut ticks = Ticks {
+        ticker: &ticker,
+        handles: Vec::new(),
+        tick: 0,
+    };
     let count = |c: &Captured| c.0.load(Ordering::SeqCst);
     // Long enough that a few batches fill a slow viewer's socket.
     let padding = "x".repeat(300);
@@ -443,10 +446,7 @@ async fn walk(seed: u64) -> Walked {
                 }
                 published += 1;
             }
-            40..55 => {
-                tick += 1;
-                ticker.tick_once(&mut handles, Instant::now(), tick);
-            }
+            40..55 => ticks.next(),
             55..62 if viewers.iter().filter(|v| v.live.is_some()).count() < 8 => {
                 let asked = asked(&mut rng);
                 let sub = registry.attach(room, None, LOCAL, asked).await.unwrap();
@@ -496,23 +496,11 @@ async fn walk(seed: u64) -> Walked {
             }
         }
     }
-    // Ticks deliver what the classes hold; bytes still in the sockets' queues arrive
-    // as they are read. Until every connected viewer has all, or the wait is over.
-    let deadline = tokio::time::Instant::now() + crate::common::WAIT;
-    loop {
-        tick += 1;
-        ticker.tick_once(&mut handles, Instant::now(), tick);
-        for v in &mut viewers {
-            v.settle(&names, &accepted, seed);
-        }
-        let behind = viewers
-            .iter()
-            .any(|v| v.live.is_some() && v.expect < accepted.len() as u64);
-        if !behind || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let all = accepted.len() as u64;
+    settle_all(&mut ticks, &mut viewers, &names, &accepted, seed, |v| {
+        v.expect == all
+    })
+    .await;
     assert_eq!(
         count(&captured),
         accepted.len() as u64,
@@ -559,27 +547,17 @@ async fn walk(seed: u64) -> Walked {
                 names.push(fingerprints.next(&payload));
                 published += 1;
             }
-            tick += 1;
-            ticker.tick_once(&mut handles, Instant::now(), tick);
+            ticks.next();
         }
         let end = Bytes::from(format!(r#"{{"id":"{room}"}}"#));
         broker
             .publish(format!("{room}{END_SUFFIX}"), end)
             .await
             .unwrap();
-        let deadline = tokio::time::Instant::now() + crate::common::WAIT;
-        loop {
-            tick += 1;
-            ticker.tick_once(&mut handles, Instant::now(), tick);
-            for v in &mut viewers {
-                v.settle(&names, &accepted, seed);
-            }
-            let waiting = viewers.iter().any(|v| v.live.is_some() && !v.ended);
-            if !waiting || tokio::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        settle_all(&mut ticks, &mut viewers, &names, &accepted, seed, |v| {
+            v.ended
+        })
+        .await;
         for v in viewers.iter().filter(|v| v.live.is_some()) {
             let c = v.live.as_ref().unwrap();
             assert!(
@@ -613,6 +591,45 @@ struct Walked {
     slow_received: u64,
     catch_ups: u64,
     history: u64,
+}
+
+/// The walk's ticks, numbered (delivery classes count them).
+struct Ticks<'a> {
+    ticker: &'a Ticker,
+    handles: Vec<Arc<chat_sync::session::Session>>,
+    tick: u64,
+}
+
+impl Ticks<'_> {
+    fn next(&mut self) {
+        self.tick += 1;
+        self.ticker
+            .tick_once(&mut self.handles, Instant::now(), self.tick);
+    }
+}
+
+/// Ticks (which deliver what the classes hold) and lets every viewer read what is in
+/// its socket, until `done` holds for every connected viewer or the wait is over.
+async fn settle_all(
+    ticks: &mut Ticks<'_>,
+    viewers: &mut [Viewer],
+    names: &[u64],
+    accepted: &[u64],
+    seed: u64,
+    done: impl Fn(&Viewer) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + crate::common::WAIT;
+    loop {
+        ticks.next();
+        for v in viewers.iter_mut() {
+            v.settle(names, accepted, seed);
+        }
+        let waiting = viewers.iter().any(|v| v.live.is_some() && !done(v));
+        if !waiting || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 fn pick<'a>(

@@ -217,6 +217,20 @@ impl TestApp {
         Subscriber::connect(&self.url(&sse_path(session)), None).await
     }
 
+    /// A viewer of `session` that reads slowly on purpose: a raw connection with a 4 KiB
+    /// receive buffer, which the test reads when it likes. `headers`: more request lines.
+    pub async fn slow_viewer(&self, session: Uuid, headers: &str) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let addr: std::net::SocketAddr = self.base.trim_start_matches("http://").parse().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        let path = sse_path(session);
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream
+    }
+
     /// Graceful stop, as on SIGTERM.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
