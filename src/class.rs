@@ -331,7 +331,80 @@ impl Classes {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::position::Position;
+    use crate::viewer::connected;
+
+    /// Message `n` framed alone, as the replay buffer keeps it.
+    fn kept(n: u64) -> Arc<Kept> {
+        let framed = frame::batch(Position::after(n), &[Bytes::from(format!("m{n}"))]);
+        Arc::new(Kept {
+            bytes: framed.bytes,
+            fingerprints: vec![n].into(),
+            offsets: framed.offsets.into(),
+        })
+    }
+
+    /// What a viewer read, event by event: a batch's messages, or `skipped N`.
+    async fn events(mut client: tokio::net::TcpStream) -> Vec<String> {
+        let mut text = String::new();
+        client.read_to_string(&mut text).await.unwrap();
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| match e.split_once("data: ") {
+                Some((head, data)) if head.contains("skipped") => format!("skipped {data}"),
+                Some((_, data)) => data.to_string(),
+                None => e.to_string(),
+            })
+            .collect()
+    }
+
+    /// One frame a tick: a class of every 3 ticks is sent the first at once, then what
+    /// it held merged, every third tick; with `max_batch` the newest of it, after how
+    /// many were left out.
+    #[tokio::test]
+    async fn a_class_is_sent_what_it_held_at_most_every_so_many_ticks() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (paced, paced_client) = connected(&listener).await;
+        let (capped, capped_client) = connected(&listener).await;
+        let mut classes = Classes::new(GzipMeter::default(), Counter::default());
+        let every = |max_batch| Class {
+            every: 3,
+            max_batch,
+        };
+        classes.join(every(None), paced, None, 0);
+        classes.join(every(Some(2)), capped, None, 0);
+        for tick in 1..=10 {
+            classes.hold(tick, &kept(tick));
+            assert!(classes.deliver(tick).is_empty(), "the sockets took it all");
+        }
+        drop(classes);
+        assert_eq!(
+            events(paced_client).await,
+            [
+                r#"["m1"]"#,
+                r#"["m2","m3","m4"]"#,
+                r#"["m5","m6","m7"]"#,
+                r#"["m8","m9","m10"]"#
+            ]
+        );
+        let skip = r#"skipped {"skipped":1}"#;
+        assert_eq!(
+            events(capped_client).await,
+            [
+                r#"["m1"]"#,
+                skip,
+                r#"["m3","m4"]"#,
+                skip,
+                r#"["m6","m7"]"#,
+                skip,
+                r#"["m9","m10"]"#
+            ]
+        );
+    }
 
     const TICK: Duration = Duration::from_millis(24);
 

@@ -273,7 +273,10 @@ impl Registry {
         }
         let mut prelude = BytesMut::from(&frame::retry(self.limits.client_retry)[..]);
         let mut next = outbox.replay.head() + 1;
-        match position.map(|p| p.map(|p| outbox.replay.since(p))) {
+        // What it missed, beyond a catch-up's bytes, is its task's to send (read from
+        // the replay buffer).
+        let missed = |p| outbox.replay.since(p, CATCH_UP_BYTES);
+        match position.map(|p| p.map(missed)) {
             None => {
                 // One event, so no more than the viewer's batches hold.
                 let history = asked
@@ -287,20 +290,9 @@ impl Registry {
                     prelude.extend_from_slice(&recent);
                 }
             }
-            Some(Some(Resume::Frames { first, mut frames })) => {
-                // What it missed, merged as its class has it; beyond a catch-up's bytes,
-                // the rest is its task's to send (read from the replay buffer).
-                let mut bytes = 0;
-                let taken = frames
-                    .iter()
-                    .take_while(|k| {
-                        let more = bytes < CATCH_UP_BYTES;
-                        bytes += k.bytes.len();
-                        more
-                    })
-                    .count();
-                frames.truncate(taken);
-                next = first + taken as u64;
+            Some(Some(Resume::Frames { first, frames })) => {
+                // Merged as its class has it.
+                next = first + frames.len() as u64;
                 let merged = frame::merge(&frames, asked.class.keep(), true);
                 self.metrics.messages_skipped.inc_by(merged.skipped as u64);
                 prelude.extend_from_slice(&merged.bytes);

@@ -130,17 +130,12 @@ impl ReplayBuffer {
         }
         let oldest = self.head + 1 - self.frames.len() as u64;
         let at = usize::try_from(seq.checked_sub(oldest)?).ok()?;
-        let mut taken = 0;
         Some(
             self.frames
                 .iter()
                 .skip(at)
-                .take_while(|k| {
-                    let more = taken < bytes;
-                    taken += k.bytes.len();
-                    more
-                })
                 .cloned()
+                .take_while(up_to(bytes))
                 .collect(),
         )
     }
@@ -167,9 +162,10 @@ impl ReplayBuffer {
 
     /// What follows `position`: the rest of the batch it falls in (cut out as a batch
     /// of its own when the client's instance batched differently), then every later
-    /// frame; the `reset` right after it is left out if the client already got one
+    /// frame, as many as make at least `bytes` (the rest is read later, by sequence
+    /// number); the `reset` right after it is left out if the client already got one
     /// there. `Lost` when the message is not (or no longer) kept here.
-    pub fn since(&self, position: Position) -> Resume {
+    pub fn since(&self, position: Position, bytes: usize) -> Resume {
         if position.after == 0 {
             return Resume::Lost;
         }
@@ -181,11 +177,10 @@ impl ReplayBuffer {
             return Resume::Lost;
         };
         let found = &self.frames[at];
-        let mut frames = Vec::new();
         let mut first = self.head + 1 - (self.frames.len() - at) as u64;
-        if index + 1 < found.fingerprints.len() {
-            frames.push(Arc::new(frame::tail(found, index + 1)));
-        } else {
+        let rest =
+            (index + 1 < found.fingerprints.len()).then(|| Arc::new(frame::tail(found, index + 1)));
+        if rest.is_none() {
             first += 1;
         }
         let mut later = self.frames.iter().skip(at + 1).peekable();
@@ -196,8 +191,23 @@ impl ReplayBuffer {
             later.next();
             first += 1;
         }
-        frames.extend(later.cloned());
+        let frames = rest
+            .into_iter()
+            .chain(later.cloned())
+            .take_while(up_to(bytes))
+            .collect();
         Resume::Frames { first, frames }
+    }
+}
+
+/// Takes frames while fewer than `bytes` were taken: at least one, and as many as
+/// make `bytes`.
+fn up_to(bytes: usize) -> impl FnMut(&Arc<Kept>) -> bool {
+    let mut taken = 0;
+    move |k| {
+        let more = taken < bytes;
+        taken += k.bytes.len();
+        more
     }
 }
 
@@ -245,10 +255,22 @@ mod tests {
     #[test]
     fn returns_exactly_the_missed_frames() {
         let b = buffer(10, 1000, 5);
-        assert_eq!(sent(b.since(Position::after(5))), frames(6, &[]));
-        assert_eq!(sent(b.since(Position::after(3))), frames(4, &["f4", "f5"]));
         assert_eq!(
-            sent(b.since(Position::after(1))),
+            sent(b.since(Position::after(5), usize::MAX)),
+            frames(6, &[])
+        );
+        // Bounded in bytes: at least one, and as many as make the bound.
+        assert_eq!(sent(b.since(Position::after(1), 1)), frames(2, &["f2"]));
+        assert_eq!(
+            sent(b.since(Position::after(1), 3)),
+            frames(2, &["f2", "f3"])
+        );
+        assert_eq!(
+            sent(b.since(Position::after(3), usize::MAX)),
+            frames(4, &["f4", "f5"])
+        );
+        assert_eq!(
+            sent(b.since(Position::after(1), usize::MAX)),
             frames(2, &["f2", "f3", "f4", "f5"])
         );
     }
@@ -256,10 +278,13 @@ mod tests {
     #[test]
     fn too_old_or_unknown_positions_are_lost() {
         let b = buffer(3, 1000, 5);
-        assert_eq!(sent(b.since(Position::after(3))), frames(4, &["f4", "f5"]));
-        assert_eq!(sent(b.since(Position::after(2))), None);
-        assert_eq!(sent(b.since(Position::after(6))), None);
-        assert_eq!(sent(b.since(Position::after(0))), None);
+        assert_eq!(
+            sent(b.since(Position::after(3), usize::MAX)),
+            frames(4, &["f4", "f5"])
+        );
+        assert_eq!(sent(b.since(Position::after(2), usize::MAX)), None);
+        assert_eq!(sent(b.since(Position::after(6), usize::MAX)), None);
+        assert_eq!(sent(b.since(Position::after(0), usize::MAX)), None);
     }
 
     #[test]
@@ -268,10 +293,13 @@ mod tests {
         let payloads: Vec<Bytes> = ["a", "b", "c"].into_iter().map(Bytes::from).collect();
         b.push_batch(frame::batch(Position::after(3), &payloads), vec![1, 2, 3]);
         assert_eq!(
-            sent(b.since(Position::after(1))),
+            sent(b.since(Position::after(1), usize::MAX)),
             frames(1, &["id: 0000000000000003\ndata: [\"b\",\"c\"]\n\n"])
         );
-        assert_eq!(sent(b.since(Position::after(3))), frames(2, &[]));
+        assert_eq!(
+            sent(b.since(Position::after(3), usize::MAX)),
+            frames(2, &[])
+        );
     }
 
     #[test]
@@ -283,12 +311,15 @@ mod tests {
             offsets: vec![0],
         };
         b.push_batch(batch, vec![3]);
-        assert_eq!(sent(b.since(Position::after(2))), frames(3, &["r", "f3"]));
+        assert_eq!(
+            sent(b.since(Position::after(2), usize::MAX)),
+            frames(3, &["r", "f3"])
+        );
         let seen = Position {
             after: 2,
             reset: true,
         };
-        assert_eq!(sent(b.since(seen)), frames(4, &["f3"]));
+        assert_eq!(sent(b.since(seen, usize::MAX)), frames(4, &["f3"]));
         assert_eq!(b.last_message(), 3);
     }
 
@@ -336,10 +367,19 @@ mod tests {
     fn byte_bound_evicts_oldest() {
         // Each frame counts its 2 bytes and 12 per message: three fit.
         let b = buffer(100, 42, 5);
-        assert_eq!(sent(b.since(Position::after(3))), frames(4, &["f4", "f5"]));
-        assert_eq!(sent(b.since(Position::after(2))), None);
+        assert_eq!(
+            sent(b.since(Position::after(3), usize::MAX)),
+            frames(4, &["f4", "f5"])
+        );
+        assert_eq!(sent(b.since(Position::after(2), usize::MAX)), None);
         let newest_only = buffer(0, 0, 3);
-        assert_eq!(sent(newest_only.since(Position::after(3))), frames(4, &[]));
-        assert_eq!(sent(newest_only.since(Position::after(2))), None);
+        assert_eq!(
+            sent(newest_only.since(Position::after(3), usize::MAX)),
+            frames(4, &[])
+        );
+        assert_eq!(
+            sent(newest_only.since(Position::after(2), usize::MAX)),
+            None
+        );
     }
 }

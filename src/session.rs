@@ -12,11 +12,12 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::broker::{BrokerEvent, END_SUFFIX, SubscribeAck, is_join_channel};
-use crate::class::Classes;
+use crate::class::{Class, Classes};
+use crate::gzip;
 use crate::metrics::Metrics;
 use crate::position::Fingerprinter;
 use crate::replay::ReplayBuffer;
-use crate::viewer::{Viewers, hand_back};
+use crate::viewer::{Viewer, Viewers, hand_back};
 
 /// What a session tells its subscribers. A batch (or `reset`) is named by its place in
 /// the replay buffer, which holds its bytes once for everyone: the channel carries a
@@ -134,6 +135,25 @@ impl Outbox {
         };
         let _ = self.tx.send(signal);
         hand_back(behind, &self.tx, self.replay.head() + 1);
+    }
+
+    /// Adds an in-step viewer of `class` that has every frame so far; `gzip`: what its
+    /// gzip stream carried.
+    pub fn join(&mut self, class: Class, viewer: Arc<Viewer>, gzip: Option<gzip::Sum>) {
+        if class.is_every_tick() {
+            self.viewers.join(viewer, gzip);
+        } else {
+            self.classes.join(class, viewer, gzip, self.replay.head());
+        }
+    }
+
+    /// Takes an in-step viewer of `class` out (its stream is closing).
+    pub fn leave(&mut self, class: Class, viewer: &Arc<Viewer>) {
+        if class.is_every_tick() {
+            self.viewers.leave(viewer);
+        } else {
+            self.classes.leave(viewer);
+        }
     }
 
     /// Sends each delivery class what it held, if it is due at `tick`.

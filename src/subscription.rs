@@ -172,12 +172,11 @@ impl Subscription {
         if self.signals.as_ref().is_none_or(|s| !s.is_empty()) || self.next <= head {
             return false;
         }
-        let gzip = self.gzip.as_ref().map(|w| w.sum);
-        if self.class.is_every_tick() {
-            outbox.viewers.join(viewer.clone(), gzip);
-        } else {
-            outbox.classes.join(self.class, viewer.clone(), gzip, head);
-        }
+        outbox.join(
+            self.class,
+            viewer.clone(),
+            self.gzip.as_ref().map(|w| w.sum),
+        );
         self.signals = None;
         self.direct = Some(viewer.clone());
         self.guard.slots.metrics.viewers_in_step.inc();
@@ -308,13 +307,17 @@ impl Subscription {
     /// the viewer's class has them; `None` if there are none. A viewer whose next
     /// frame has left the replay buffer lagged too far.
     fn catch_up(&mut self) -> Option<Bytes> {
-        let outbox = self.guard.session.outbox.lock().unwrap();
-        let Some(frames) = outbox.replay.from(self.next, CATCH_UP_BYTES) else {
-            drop(outbox);
+        // The lock is held for this statement only.
+        let outbox = &self.guard.session.outbox;
+        let Some(frames) = outbox
+            .lock()
+            .unwrap()
+            .replay
+            .from(self.next, CATCH_UP_BYTES)
+        else {
             self.lagged();
             return None;
         };
-        drop(outbox);
         if frames.is_empty() {
             return None;
         }
@@ -338,13 +341,8 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if let Some(viewer) = self.direct.take() {
-            let mut outbox = self.guard.session.outbox.lock().unwrap();
-            if self.class.is_every_tick() {
-                outbox.viewers.leave(&viewer);
-            } else {
-                outbox.classes.leave(&viewer);
-            }
-            drop(outbox);
+            let outbox = &self.guard.session.outbox;
+            outbox.lock().unwrap().leave(self.class, &viewer);
             self.guard.slots.metrics.viewers_in_step.dec();
         }
     }

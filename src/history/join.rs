@@ -267,7 +267,8 @@ mod tests {
         };
         assert_eq!(install(&mut outbox, plan), Cursor::Gap);
         assert_eq!(outbox.replay.last_message(), 2);
-        let crate::replay::Resume::Frames { frames, .. } = outbox.replay.since(Position::after(1))
+        let crate::replay::Resume::Frames { frames, .. } =
+            outbox.replay.since(Position::after(1), usize::MAX)
         else {
             panic!("lost");
         };

@@ -173,17 +173,10 @@ impl Gzipped {
 
 #[cfg(test)]
 mod tests {
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpListener;
 
     use super::*;
-
-    async fn viewer(listener: &TcpListener) -> (Arc<Viewer>, TcpStream) {
-        let client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        (Viewer::new(server), client)
-    }
+    use crate::viewer::connected;
 
     /// Viewers that join at different points, wait for a keyframe and stay in step
     /// across several, each end with the sum of exactly what their stream carried.
@@ -195,7 +188,7 @@ mod tests {
         let mut behind = Vec::new();
         for i in 0..14 {
             if i % 4 == 0 {
-                let (v, client) = viewer(&listener).await;
+                let (v, client) = connected(&listener).await;
                 let prelude = format!("retry: {i}\n\n").into_bytes();
                 g.join(v.clone(), gzip::Sum::of(&prelude));
                 viewers.push(v);

@@ -283,3 +283,16 @@ impl Behind {
         }
     }
 }
+
+/// An in-step viewer's socket and the browser's end of it, for the tests of what the
+/// fan-out writes.
+#[cfg(test)]
+pub(crate) async fn connected(
+    listener: &tokio::net::TcpListener,
+) -> (Arc<Viewer>, tokio::net::TcpStream) {
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    (Viewer::new(server), client)
+}

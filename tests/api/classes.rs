@@ -2,8 +2,6 @@
 //! `history` change for one viewer and for nobody else, and a viewer that reads slowly
 //! being caught up with merged batches instead of being cut off.
 
-use std::time::Duration;
-
 use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
@@ -105,8 +103,11 @@ async fn a_joining_viewer_asking_for_history_gets_the_last_messages_first() {
     assert_eq!(after, vec![30], "a resume gets what it missed, not history");
 }
 
+/// How often a class is sent (at most once per its ticks, what it held merged) is
+/// `class::tests`' to show, with the ticks under its control; here, what a viewer of a
+/// slower class reads over real HTTP, plain and gzip.
 #[tokio::test]
-async fn a_slower_class_gets_every_message_in_fewer_larger_batches() {
+async fn a_slower_class_gets_every_message_once_in_order() {
     let redis = RedisServer::start().await;
     let app = TestApp::spawn(Some(&redis), &[]).await;
     let room = Uuid::new_v4();
@@ -135,15 +136,6 @@ async fn a_slower_class_gets_every_message_in_fewer_larger_batches() {
         (0..n).collect::<Vec<_>>(),
         "every message once, in order"
     );
-    assert!(every_tick.batches >= 20, "{} batches", every_tick.batches);
-    // At most one delivery per 3 s (plus the first, at once): fewer than half as many
-    // unless publishing took over half a minute.
-    assert!(
-        events.len() * 2 <= every_tick.batches,
-        "{} batches at 3 s against {} at every tick",
-        events.len(),
-        every_tick.batches
-    );
 }
 
 #[tokio::test]
@@ -152,19 +144,28 @@ async fn max_batch_keeps_the_newest_and_says_how_many_were_skipped() {
     let app = TestApp::spawn(Some(&redis), &[]).await;
     let room = Uuid::new_v4();
     let url = app.url(&sse_path(room));
+    let capped_url = format!("{url}?max_batch=3&interval_ms=1000");
     let mut everything = Subscriber::connect(&url, None).await;
-    let mut capped =
-        Subscriber::connect(&format!("{url}?max_batch=3&interval_ms=1000"), None).await;
+    let mut capped = Subscriber::connect(&capped_url, None).await;
+    redis.publish(&room.to_string(), &chat("p1", 0)).await;
+    everything.messages(1).await;
+    assert_eq!(messages(&read_until(&mut capped, 0).await), vec![0]);
+    // Away while 39 more come: its resume is one catch-up, so however the server
+    // batched them, at most 3 of them come and the rest are skipped.
+    let at = capped.last_event_id.clone();
+    drop(capped);
     let n = 40;
-    for seq in 0..n {
+    for seq in 1..n {
         redis.publish(&room.to_string(), &chat("p1", seq)).await;
     }
-    everything.messages(n).await;
-    let events = read_until(&mut capped, n - 1).await;
+    everything.messages(n - 1).await;
+    let mut capped = Subscriber::connect(&capped_url, at.as_deref()).await;
+    redis.publish(&room.to_string(), &chat("p1", n)).await;
+    let events = read_until(&mut capped, n).await;
 
     // Each batch is at most 3 messages, and says (just before it) how many came
     // between it and the batch before: together, exactly the published sequence.
-    let mut next = 0;
+    let mut next = 1;
     let mut told = 0;
     let mut skipped = 0;
     for (name, seqs) in &events {
@@ -179,11 +180,8 @@ async fn max_batch_keeps_the_newest_and_says_how_many_were_skipped() {
         told = 0;
         next = seqs.last().unwrap() + 1;
     }
-    assert_eq!(next, n);
-    assert!(
-        skipped > 0,
-        "40 messages within a few seconds, 3 per second at most"
-    );
+    assert_eq!(next, n + 1);
+    assert!(skipped >= 36, "{skipped} of the 39 missed were skipped");
     // What the original client does with each batch still works: every element is a
     // JSON string holding a chat message.
     assert!(
@@ -239,12 +237,7 @@ async fn a_slow_reader_is_caught_up_with_merged_batches_and_keeps_its_stream() {
         redis.publish(&room.to_string(), &bulky(seq)).await;
         fast.messages(1).await;
         if seq % 10 == 9 {
-            let mut chunk = vec![0u8; 2048];
-            if let Ok(Ok(got)) =
-                tokio::time::timeout(Duration::from_millis(1), slow.read(&mut chunk)).await
-            {
-                received.extend_from_slice(&chunk[..got]);
-            }
+            crate::common::read_a_little(&mut slow, &mut received).await;
         }
     }
     redis

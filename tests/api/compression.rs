@@ -2,8 +2,6 @@
 //! viewer reads, each as soon as it is sent, through joins, resumes, slow reading and
 //! the end, and its stream ends with a valid trailer.
 
-use std::time::Duration;
-
 use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
@@ -208,12 +206,7 @@ async fn a_slow_gzip_viewer_is_handed_back_and_its_stream_stays_whole() {
             // Paced by the fast viewer; the slow one reads a little now and then.
             fast.messages(10).await;
             fewest_in_step = fewest_in_step.min(app.metric("chat_sync_viewers_in_step").await);
-            let mut chunk = vec![0u8; 2048];
-            if let Ok(Ok(got)) =
-                tokio::time::timeout(Duration::from_millis(1), slow.read(&mut chunk)).await
-            {
-                received.extend_from_slice(&chunk[..got]);
-            }
+            crate::common::read_a_little(&mut slow, &mut received).await;
         }
     }
     assert!(fewest_in_step < 2.0, "the slow viewer was handed back");

@@ -451,6 +451,18 @@ where
     .await;
 }
 
+/// A slow reader's read: at most 2 KiB of what has arrived, if any comes within a
+/// moment. It paces the reader; no assertion depends on how much it got.
+pub async fn read_a_little(stream: &mut tokio::net::TcpStream, into: &mut Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 2048];
+    if let Ok(Ok(got)) =
+        tokio::time::timeout(Duration::from_millis(1), stream.read(&mut chunk)).await
+    {
+        into.extend_from_slice(&chunk[..got]);
+    }
+}
+
 /// Polls `condition` until it holds; panics with `what` after [`WAIT`].
 pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
 where
