@@ -174,21 +174,25 @@ impl GuardedStream {
     }
 
     /// Resolves when the peer has closed its side or the connection failed; data it
-    /// sends meanwhile (a stream's client sends none) is discarded.
+    /// sends meanwhile (a stream's client sends none) is discarded. Waits through the
+    /// socket's own reader slot (`poll_read_ready`) rather than a waiter of its own:
+    /// this is part of every idle viewer's task, so it is kept to a few bytes.
     pub async fn peer_closed(&self) {
-        // Small: it is part of every idle viewer's task, and a stream's client sends nothing.
         let mut sink = [0u8; 8];
-        loop {
-            if self.tcp().readable().await.is_err() {
-                return;
+        std::future::poll_fn(|cx| {
+            loop {
+                if ready!(self.tcp().poll_read_ready(cx)).is_err() {
+                    return Poll::Ready(());
+                }
+                match self.tcp().try_read(&mut sink) {
+                    Ok(0) => return Poll::Ready(()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Poll::Ready(()),
+                }
             }
-            match self.tcp().try_read(&mut sink) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
+        })
+        .await
     }
 
     fn guard<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::net::{PeerAddr, StreamListener};
+use crate::net::{GuardedStream, PeerAddr, StreamListener};
 
 mod pending;
 mod streams;
@@ -46,42 +46,85 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true);
+    let shared = Arc::new(Shared {
+        router,
+        http,
+        drain: drain.clone(),
+        abort,
+    });
     loop {
         let (io, peer) = tokio::select! {
             _ = drain.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let guard = pending.enter();
-        let deadline = Instant::now() + header_timeout;
-        let router = router.clone();
-        let (drain, abort) = (drain.clone(), abort.clone());
-        let http = http.clone();
-        connections.spawn(async move {
-            let route = tokio::select! {
-                route = streams::route(&io) => route,
-                () = tokio::time::sleep_until(deadline) => Route::Closed,
-                () = guard.evicted() => Route::Closed,
-            };
-            match route {
-                Route::Stream => {
-                    streams::serve(io, PeerAddr(peer), router, abort, deadline, guard).await;
-                }
-                // Boxed: hyper's connection state is large, and each task is sized for
-                // its largest branch; the stream branch stays small.
-                Route::Other => {
-                    let first = FirstRequest { deadline, guard };
-                    Box::pin(serve_http(http, io, peer, router, drain, abort, first)).await;
-                }
-                Route::Closed => {}
-            }
+        let accepted = Box::new(Accepted {
+            io,
+            peer: PeerAddr(peer),
+            first: FirstRequest {
+                deadline: Instant::now() + header_timeout,
+                guard: pending.enter(),
+            },
         });
+        connections.spawn(connection(accepted, shared.clone()));
     }
     tracing::debug!("stopped accepting connections");
 }
 
-/// A hyper connection until its first request head is complete: still pending, and
-/// bound by the connection's deadline (hyper's own header timeout covers the later
-/// requests of a keep-alive connection).
+/// What every connection's task needs, shared: an idle viewer's task holds one
+/// pointer to it rather than copies.
+struct Shared {
+    router: Router,
+    http: http1::Builder,
+    drain: CancellationToken,
+    abort: CancellationToken,
+}
+
+/// A connection as accepted. Boxed until it is routed: the task keeps only a pointer
+/// to it for its whole life.
+struct Accepted {
+    io: GuardedStream,
+    peer: PeerAddr,
+    first: FirstRequest,
+}
+
+/// One connection, from accept to close. A task is sized for its largest state, and an
+/// idle viewer's stream is the state that lasts (hours, for tens of thousands of
+/// viewers); so the brief, large ones (reading and answering the request, hyper's
+/// connection) are boxed, and only the stream's own state stays with the task.
+/// (A plain fn returning `async move`: an `async fn` would keep its arguments twice.)
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn connection(accepted: Box<Accepted>, shared: Arc<Shared>) -> impl Future<Output = ()> {
+    async move {
+        let route = Box::pin(async {
+            tokio::select! {
+                route = streams::route(&accepted.io) => route,
+                () = tokio::time::sleep_until(accepted.first.deadline) => Route::Closed,
+                () = accepted.first.guard.evicted() => Route::Closed,
+            }
+        })
+        .await;
+        let Accepted { io, peer, first } = *accepted;
+        match route {
+            Route::Stream => {
+                let Some((io, subscription)) =
+                    Box::pin(streams::open(io, peer, &shared, first)).await
+                else {
+                    return;
+                };
+                streams::stream(io, subscription, &shared.abort).await;
+            }
+            Route::Other => Box::pin(serve_http(io, peer.0, &shared, first)).await,
+            Route::Closed => {}
+        }
+    }
+}
+
+/// A connection until its first request head is complete: still pending, and bound by
+/// the connection's deadline (hyper's own header timeout covers the later requests of
+/// a keep-alive connection).
 struct FirstRequest {
     deadline: Instant,
     guard: PendingGuard,
@@ -89,15 +132,19 @@ struct FirstRequest {
 
 /// Any other request: hyper, with keep-alive, draining gracefully on shutdown.
 async fn serve_http(
-    http: http1::Builder,
-    io: crate::net::GuardedStream,
+    io: GuardedStream,
     peer: std::net::SocketAddr,
-    router: Router,
-    drain: CancellationToken,
-    abort: CancellationToken,
+    shared: &Shared,
     first: FirstRequest,
 ) {
     let FirstRequest { deadline, guard } = first;
+    let Shared {
+        router,
+        http,
+        drain,
+        abort,
+    } = shared;
+    let router = router.clone();
     let evicted = guard.evicted.clone();
     let arrived = Arc::new(Notify::new());
     let waiting = Arc::new(std::sync::Mutex::new(Some(guard)));
@@ -126,5 +173,49 @@ async fn serve_http(
     tokio::select! {
         _ = connection => {}
         _ = abort.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// What an idle viewer costs is mostly its task, and a task is sized for the
+    /// largest state of its future. The stream's state is about 400 bytes; reading and
+    /// answering the request take about 1.2 KiB more, hyper's connection more still. So
+    /// those are boxed, and the task must stay near the stream's size (416 bytes in
+    /// both debug and release builds today). Unboxing one of them fails this.
+    #[tokio::test]
+    async fn a_connections_task_is_sized_for_its_stream_not_its_request() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(tcp.local_addr().unwrap());
+        let listener = StreamListener::new(
+            tcp,
+            Duration::from_secs(1),
+            Counter::default(),
+            Counter::default(),
+        );
+        let ((io, peer), _client) = tokio::join!(listener.accept(), client);
+        let pending = Pending::new(4, Gauge::default(), Counter::default());
+        let accepted = Box::new(Accepted {
+            io,
+            peer: PeerAddr(peer),
+            first: FirstRequest {
+                deadline: Instant::now(),
+                guard: pending.enter(),
+            },
+        });
+        let shared = Arc::new(Shared {
+            router: Router::new(),
+            http: http1::Builder::new(),
+            drain: CancellationToken::new(),
+            abort: CancellationToken::new(),
+        });
+        let task = connection(accepted, shared);
+        let size = std::mem::size_of_val(&task);
+        eprintln!("connection task: {size} bytes");
+        assert!(size <= 512, "a connection's task holds {size} bytes");
     }
 }

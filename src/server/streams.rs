@@ -9,17 +9,15 @@
 //! comes, delimited by closing the connection (`Connection: close`), which is how
 //! EventSource expects a stream to end anyway.
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, Response, header};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::pending::PendingGuard;
+use super::{FirstRequest, Shared};
 use crate::net::{GuardedStream, PeerAddr};
 use crate::sse::Stream;
 use crate::subscription::{StreamOver, Subscription};
@@ -56,20 +54,22 @@ pub async fn route(io: &GuardedStream) -> Route {
     }
 }
 
-/// Serves one stream request, then closes the connection. The request head must be
-/// complete by `deadline` (the connection's header timeout, counted from accept); the
-/// connection leaves the pending table once it is.
-pub async fn serve(
+/// Reads and answers one stream request. Returns the subscription for the task to
+/// stream ([`stream`]), or `None` once the connection is done: an error was answered,
+/// the client left, or the stream was served through its body (rare: see
+/// `sse::Stream`). The request head must be complete by the connection's deadline (its
+/// header timeout, counted from accept); the connection leaves the pending table once
+/// it is.
+pub(super) async fn open(
     mut io: GuardedStream,
     peer: PeerAddr,
-    router: Router,
-    abort: CancellationToken,
-    deadline: Instant,
-    pending: PendingGuard,
-) {
+    shared: &Shared,
+    first: FirstRequest,
+) -> Option<(GuardedStream, Subscription)> {
+    let FirstRequest { deadline, guard } = first;
     let parsed = tokio::select! {
         parsed = tokio::time::timeout_at(deadline, read_request(&mut io)) => parsed,
-        () = pending.evicted() => return,
+        () = guard.evicted() => return None,
     };
     let Ok(Some(mut request)) = parsed else {
         let _ = io
@@ -77,12 +77,12 @@ pub async fn serve(
                 b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
             )
             .await;
-        return;
+        return None;
     };
-    drop(pending);
+    drop(guard);
     request.extensions_mut().insert(ConnectInfo(peer));
     request.extensions_mut().insert(crate::sse::Direct);
-    let Ok(response) = router.oneshot(request).await;
+    let Ok(response) = shared.router.clone().oneshot(request).await;
     let (parts, body) = response.into_parts();
     let streaming = parts
         .headers
@@ -95,59 +95,67 @@ pub async fn serve(
             .unwrap_or_default();
         let head = head(&Response::from_parts(parts, ()), Some(body.len()));
         let _ = io.write_all(&[head.as_slice(), &body].concat()).await;
-        return;
+        return None;
     }
     let subscription = parts.extensions.get::<Stream>().and_then(Stream::take);
-    if io
-        .write_all(&head(&Response::from_parts(parts, ()), None))
+    io.write_all(&head(&Response::from_parts(parts, ()), None))
         .await
-        .is_err()
-    {
-        return;
-    }
+        .ok()?;
     match subscription {
-        Some(subscription) => {
-            // The body only wraps the subscription taken here; it is not kept.
-            drop(body);
-            stream(io, subscription, abort).await;
+        // The body only wraps the subscription taken here; it is not kept.
+        Some(subscription) => Some((io, subscription)),
+        None => {
+            stream_body(io, body, &shared.abort).await;
+            None
         }
-        None => stream_body(io, body, abort).await,
     }
 }
 
 /// Writes the viewer's frames while it is behind, and lets the fan-out write them
 /// while it keeps up (see `viewer`); this task then only waits for the peer to close.
-async fn stream(mut io: GuardedStream, mut subscription: Subscription, abort: CancellationToken) {
-    let viewer = io.viewer();
-    loop {
-        match subscription.try_next_frame() {
-            Ok(Some(bytes)) => {
-                if io.write_all(&bytes).await.is_err() {
-                    return;
+/// This is what an idle viewer's task holds for hours, so it is kept small: a plain fn
+/// returning `async move` (an `async fn` would hold its arguments twice).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub(super) fn stream(
+    mut io: GuardedStream,
+    mut subscription: Subscription,
+    abort: &CancellationToken,
+) -> impl Future<Output = ()> + '_ {
+    async move {
+        let viewer = io.viewer();
+        loop {
+            match subscription.try_next_frame() {
+                Ok(Some(bytes)) => {
+                    if io.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    continue;
                 }
+                Ok(None) => {}
+                Err(StreamOver) => break,
+            }
+            if !subscription.go_direct(&viewer) {
+                // A frame came meanwhile.
                 continue;
             }
-            Ok(None) => {}
-            Err(StreamOver) => break,
+            let rest = tokio::select! {
+                handoff = viewer.handed_off() => subscription.resume(*handoff),
+                () = io.peer_closed() => return,
+                () = abort.cancelled() => return,
+            };
+            if io.write_all(&rest).await.is_err() {
+                return;
+            }
         }
-        if !subscription.go_direct(&viewer) {
-            // A frame came meanwhile.
-            continue;
-        }
-        let rest = tokio::select! {
-            handoff = viewer.handed_off() => subscription.resume(*handoff),
-            () = io.peer_closed() => return,
-            () = abort.cancelled() => return,
-        };
-        if io.write_all(&rest).await.is_err() {
-            return;
-        }
+        let _ = io.shutdown().await;
     }
-    let _ = io.shutdown().await;
 }
 
 /// A stream whose subscription is only reachable through its body.
-async fn stream_body(mut io: GuardedStream, body: Body, abort: CancellationToken) {
+async fn stream_body(mut io: GuardedStream, body: Body, abort: &CancellationToken) {
     let mut frames = body.into_data_stream();
     loop {
         tokio::select! {
