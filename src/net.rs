@@ -165,8 +165,8 @@ impl GuardedStream {
     }
 
     /// The socket, for the fan-out to write to while this viewer keeps up.
-    pub fn viewer(&self) -> Arc<Viewer> {
-        self.io.clone()
+    pub fn viewer(&self) -> &Arc<Viewer> {
+        &self.io
     }
 
     fn tcp(&self) -> &TcpStream {

@@ -25,8 +25,8 @@ use crate::viewer::{Handoff, Viewer};
 
 /// An admitted subscriber: what to send first, then the session's live frames.
 pub struct Subscription {
-    /// `retry:` advice, then replayed batches or a `reset`.
-    prelude: Option<Bytes>,
+    /// What is to be sent before any signal.
+    held: Option<Held>,
     /// Where it reads the session's signals; `None` while the fan-out writes to it.
     signals: Option<broadcast::Receiver<Signal>>,
     /// Set while it is one of the session's in-step viewers (see `viewer`).
@@ -36,13 +36,21 @@ pub struct Subscription {
     over: bool,
     /// Set for a gzip stream: encodes what this task writes, and ends the stream.
     gzip: Option<gzip::Writer>,
-    /// The last frame, to be sent once everything before it was (a gzip stream's
-    /// fan-out leaves it here: it ends in its task, with its own trailer).
-    last: Option<Bytes>,
     /// The sequence number of the next frame it is to be sent: it has every one
     /// before, and skips the signals of those it was sent in a catch-up.
     next: u64,
     class: Class,
+}
+
+/// What a subscription sends before any signal. One field for both, since a stream
+/// never has both at once (the prelude goes first, and it is not handed to the fan-out
+/// until it is sent), and every idle viewer's task holds this.
+enum Held {
+    /// `retry:` advice, then replayed batches or a `reset`.
+    Prelude(Bytes),
+    /// The last frame, to be sent once everything before it was (a gzip stream's
+    /// fan-out leaves it here: it ends in its task, with its own trailer).
+    Last(Bytes),
 }
 
 /// Bytes of missed frames merged into one catch-up write at most: what a lagging
@@ -137,13 +145,12 @@ impl Subscription {
         class: Class,
     ) -> Self {
         Self {
-            prelude: Some(prelude),
+            held: Some(Held::Prelude(prelude)),
             signals: Some(signals),
             direct: None,
             guard,
             over: false,
             gzip: None,
-            last: None,
             next,
             class,
         }
@@ -162,7 +169,7 @@ impl Subscription {
     /// Hands the socket to the fan-out if this viewer has caught up (nothing left to
     /// send); false if it has not, or its stream is over.
     pub fn go_direct(&mut self, viewer: &Arc<Viewer>) -> bool {
-        if self.prelude.is_some() || self.over {
+        if self.held.is_some() || self.over {
             return false;
         }
         let session = self.guard.session.clone();
@@ -196,7 +203,7 @@ impl Subscription {
         if let Some(sum) = handoff.gzip {
             self.gzip = Some(gzip::Writer::resume(sum));
         }
-        self.last = handoff.last;
+        self.held = handoff.last.map(Held::Last);
         self.next = handoff.next;
         handoff.rest
     }
@@ -247,14 +254,14 @@ impl Subscription {
     /// What is to be sent before any signal: the prelude, or once the last frame
     /// (`end`, `shutdown`) came, the frames it had not been sent yet, then that.
     fn held(&mut self) -> Option<Bytes> {
-        if let Some(prelude) = self.prelude.take() {
-            return Some(self.encode(prelude));
-        }
-        self.last.as_ref()?;
+        let last = match self.held.take()? {
+            Held::Prelude(prelude) => return Some(self.encode(prelude)),
+            Held::Last(last) => last,
+        };
         if let Some(missed) = self.catch_up() {
+            self.held = Some(Held::Last(last));
             return Some(self.encode(missed));
         }
-        let last = self.last.take()?;
         if self.over {
             // It lagged too far: its browser resumes, and learns of the end then.
             return None;
@@ -293,7 +300,7 @@ impl Subscription {
             Ok(Signal::Frame(_)) | Err(true) => self.catch_up(),
             Ok(Signal::Heartbeat) => Some(frame::HEARTBEAT),
             Ok(Signal::Last(bytes)) => {
-                self.last = Some(bytes);
+                self.held = Some(Held::Last(bytes));
                 None
             }
             Err(false) => {

@@ -183,10 +183,12 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     /// What an idle viewer costs is mostly its task, and a task is sized for the
-    /// largest state of its future. The stream's state is about 400 bytes; reading and
-    /// answering the request take about 1.2 KiB more, hyper's connection more still. So
-    /// those are boxed, and the task must stay near the stream's size (416 bytes in
-    /// both debug and release builds today). Unboxing one of them fails this.
+    /// largest state of its future. The stream's state is under 400 bytes; reading and
+    /// answering the request take about 1 KiB more, hyper's connection more still. So
+    /// those are boxed, and the task must stay at the stream's size. 400 bytes is also
+    /// what fits tokio's task cell (1.54: 128-byte aligned, 112 bytes of its own) in
+    /// 512 bytes: one byte more costs 128 more per connection. Unboxing a state fails
+    /// this, as does a stream state grown past the cell.
     #[tokio::test]
     async fn a_connections_task_is_sized_for_its_stream_not_its_request() {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -216,6 +218,6 @@ mod tests {
         let task = connection(accepted, shared);
         let size = std::mem::size_of_val(&task);
         eprintln!("connection task: {size} bytes");
-        assert!(size <= 512, "a connection's task holds {size} bytes");
+        assert!(size <= 400, "a connection's task holds {size} bytes");
     }
 }

@@ -125,7 +125,6 @@ pub(super) fn stream(
     abort: &CancellationToken,
 ) -> impl Future<Output = ()> + '_ {
     async move {
-        let viewer = io.viewer();
         loop {
             match subscription.try_next_frame() {
                 Ok(Some(bytes)) => {
@@ -137,12 +136,12 @@ pub(super) fn stream(
                 Ok(None) => {}
                 Err(StreamOver) => break,
             }
-            if !subscription.go_direct(&viewer) {
+            if !subscription.go_direct(io.viewer()) {
                 // A frame came meanwhile.
                 continue;
             }
             let rest = tokio::select! {
-                handoff = viewer.handed_off() => subscription.resume(*handoff),
+                handoff = io.viewer().handed_off() => subscription.resume(*handoff),
                 () = io.peer_closed() => return,
                 () = abort.cancelled() => return,
             };
