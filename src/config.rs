@@ -50,7 +50,9 @@ pub struct Config {
     pub cors_origins: CorsOrigins,
     /// How long a session with no subscriber stays subscribed before it is freed.
     pub session_grace: Duration,
-    /// Frames a subscriber may fall behind before it is disconnected as slow.
+    /// Signals a viewer's task may fall behind before it reads what it missed from the
+    /// replay buffer instead (merged). Every session allocates this many slots up front
+    /// (56 bytes each), whether its viewers ever lag or not.
     pub subscriber_buffer: usize,
     /// A viewer whose socket accepts no bytes for this long is disconnected.
     pub slow_client_timeout: Duration,
@@ -152,7 +154,7 @@ impl Config {
             publish_token: env.string("PUBLISH_TOKEN"),
             cors_origins: cors_origins(&env)?,
             session_grace: env.millis("SESSION_GRACE_MS", 5_000, 0..=86_400_000)?,
-            subscriber_buffer: env.count("SUBSCRIBER_BUFFER", 128, 1..=65_536)?,
+            subscriber_buffer: env.count("SUBSCRIBER_BUFFER", 16, 1..=65_536)?,
             slow_client_timeout: env.millis("SLOW_CLIENT_TIMEOUT_MS", 10_000, 100..=3_600_000)?,
             heartbeat: env.millis("HEARTBEAT_MS", 15_000, 100..=3_600_000)?,
             client_retry: env.millis("CLIENT_RETRY_MS", 2_000, 0..=600_000)?,
