@@ -45,6 +45,7 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
+        metrics.gzip.compressors.set_bytes(config.gzip_memory);
         let tasks = TaskTracker::new();
         let background = CancellationToken::new();
         let sessions = Arc::new(Sessions::new(

@@ -113,6 +113,8 @@ pub struct Config {
     pub history_standby: bool,
     /// Streams are gzip-compressed, once per session, for viewers that accept it.
     pub compression: bool,
+    /// Memory all sessions' compressors may hold at once (see `gzip::Budget`).
+    pub gzip_memory: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -192,6 +194,7 @@ impl Config {
             shutdown_handover: env.millis("SHUTDOWN_HANDOVER_MS", 10_000, 0..=600_000)?,
             history_standby: env.parse("HISTORY_STANDBY", false, "true or false")?,
             compression: env.parse("COMPRESSION", true, "true or false")?,
+            gzip_memory: env.count("GZIP_MEMORY_BYTES", 256 << 20, 0..=1 << 40)?,
         };
         if (1..position::WINDOW).contains(&config.history_messages) {
             return Err(ConfigError::Rejected {

@@ -25,6 +25,8 @@ pub struct Outcome {
 pub struct GzipMeter {
     pub frames: Counter,
     pub wire: Counter,
+    /// The compressors all gzip streams share (`GZIP_MEMORY_BYTES`).
+    pub compressors: crate::gzip::Budget,
 }
 
 impl GzipMeter {
@@ -175,6 +177,17 @@ impl Metrics {
             "gzip_wire_bytes",
             "Bytes written to gzip streams: what the frames in gzip_frame_bytes became",
             m.gzip.wire.clone(),
+        );
+        r.register(
+            "gzip_compressors",
+            "Compressors running, each about 300 KiB: at most GZIP_MEMORY_BYTES / 300 KiB",
+            m.gzip.compressors.running(),
+        );
+        r.register(
+            "gzip_compressors_refused",
+            "Frames sent to gzip streams uncompressed (stored) because every compressor \
+             GZIP_MEMORY_BYTES allows was running",
+            m.gzip.compressors.refused(),
         );
         r.register("batches", "Batches framed by the ticker", m.batches.clone());
         r.register(

@@ -38,7 +38,7 @@ impl Gzipped {
         Self {
             list: Vec::new(),
             waiting: Vec::new(),
-            stream: gzip::Shared::new(gzip::LEVEL),
+            stream: gzip::Shared::new(gzip::LEVEL, meter.compressors.clone()),
             key_at: gzip::Sum::default(),
             last_key: None,
             meter,

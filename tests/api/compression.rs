@@ -6,7 +6,7 @@ use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
 use crate::common::sse::Gunzip;
-use crate::common::{RedisServer, Subscriber, TestApp, batch, chat, sse_path};
+use crate::common::{RedisServer, Subscriber, TestApp, batch, chat, sse_path, wait_until};
 
 /// A chat message as a real one looks: nickname, profile URL, mixed-language text.
 fn realistic(seq: usize) -> String {
@@ -292,4 +292,52 @@ async fn a_browsers_stream_after_any_page_or_probe_is_still_compressed() {
             "a stream after {path}"
         );
     }
+}
+
+/// Compressors are bounded in memory (`GZIP_MEMORY_BYTES`), since each session and
+/// delivery class with gzip viewers runs one while it sends. With less than one
+/// compressor's worth, every session is past the bound: its gzip viewers still read
+/// exactly what plain ones do, in whole gzip streams, only sent as stored blocks.
+#[tokio::test]
+async fn past_the_compressor_bound_gzip_streams_are_whole_and_uncompressed() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[("GZIP_MEMORY_BYTES", "100000")]).await;
+    let rooms = [Uuid::new_v4(), Uuid::new_v4()];
+    let mut viewers = Vec::new();
+    for room in rooms {
+        let url = app.url(&sse_path(room));
+        let plain = Subscriber::connect(&url, None).await;
+        let zipped = Subscriber::connect_gzip(&url, None).await;
+        assert_eq!(zipped.headers["content-encoding"], "gzip");
+        viewers.push((room, plain, zipped));
+    }
+    // In step: the frames go through the sessions' shared gzip stream, which is what
+    // would take a compressor.
+    wait_until("every viewer is in step", || async {
+        app.metric("chat_sync_viewers_in_step").await == 4.0
+    })
+    .await;
+    for seq in 0..30 {
+        for (room, ..) in &viewers {
+            redis.publish(&room.to_string(), &realistic(seq)).await;
+        }
+    }
+    for (room, plain, zipped) in &mut viewers {
+        let expected = events_until(plain, 30).await;
+        assert_eq!(events_until(zipped, 30).await, expected);
+        redis
+            .publish(&format!("{room}_END"), &format!(r#"{{"id":"{room}"}}"#))
+            .await;
+        assert_eq!(zipped.next_event().await.unwrap().event, "end");
+        assert!(zipped.next_event().await.is_none());
+        let text = zipped.gzip_whole().unwrap().expect("a whole gzip stream");
+        let wire = zipped.gzip_wire_len().unwrap();
+        assert!(
+            wire > text.len(),
+            "stored, not compressed: {wire} bytes on the wire for {} of stream",
+            text.len()
+        );
+    }
+    assert_eq!(app.metric("chat_sync_gzip_compressors").await, 0.0);
+    assert!(app.metric("chat_sync_gzip_compressors_refused_total").await >= 2.0);
 }

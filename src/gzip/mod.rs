@@ -17,8 +17,14 @@
 //! and now ([`Sum::since`], [`Sum::then`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
-use crc32fast::Hasher;
 use flate2::{Compress, Compression, FlushCompress};
+
+mod budget;
+mod sum;
+
+use budget::Lease;
+pub use budget::{Budget, COMPRESSOR_BYTES};
+pub use sum::{Append, Carried, Sum};
 
 /// The gzip member header: deflate, no name, no time, unknown OS.
 pub const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
@@ -28,118 +34,6 @@ pub const LEVEL: u32 = 6;
 
 /// Longest stored block deflate allows.
 const MAX_STORED: usize = 65_535;
-
-/// The CRC-32 and length (mod 2^32 in the trailer) of a run of bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Sum {
-    crc: u32,
-    len: u64,
-}
-
-impl Sum {
-    pub fn of(bytes: &[u8]) -> Self {
-        let mut sum = Self::default();
-        sum.add(bytes);
-        sum
-    }
-
-    pub fn add(&mut self, bytes: &[u8]) {
-        let mut hasher = Hasher::new_with_initial_len(self.crc, self.len);
-        hasher.update(bytes);
-        self.len += bytes.len() as u64;
-        self.crc = hasher.finalize();
-    }
-
-    /// The sum of these bytes followed by `after`.
-    pub fn then(self, after: Sum) -> Sum {
-        let mut hasher = Hasher::new_with_initial_len(self.crc, self.len);
-        hasher.combine(&Hasher::new_with_initial_len(after.crc, after.len));
-        Sum {
-            crc: hasher.finalize(),
-            len: self.len + after.len,
-        }
-    }
-
-    /// The sum of what came after `earlier`, these bytes being `earlier` followed by
-    /// more. CRC-32 is linear: crc(a‖b) = shift(crc(a), |b|) ⊕ crc(b), so crc(b) is
-    /// crc(a‖b) ⊕ shift(crc(a), |b|), and the shift is a combine with an empty sum.
-    pub fn since(self, earlier: Sum) -> Sum {
-        let len = self.len - earlier.len;
-        let shifted = earlier.then(Sum { crc: 0, len }).crc;
-        Sum {
-            crc: self.crc ^ shifted,
-            len,
-        }
-    }
-}
-
-/// What a viewer's stream carried, as its trailer needs it: the CRC-32 and the length
-/// mod 2^32. Half a [`Sum`]: it is kept for every gzip viewer in step.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Carried {
-    crc: u32,
-    len: u32,
-}
-
-impl From<Sum> for Carried {
-    fn from(sum: Sum) -> Self {
-        Self {
-            crc: sum.crc,
-            len: sum.len as u32,
-        }
-    }
-}
-
-impl Carried {
-    /// As a sum to carry on from: only the trailer reads its length, mod 2^32.
-    pub fn sum(self) -> Sum {
-        Sum {
-            crc: self.crc,
-            len: u64::from(self.len),
-        }
-    }
-}
-
-/// The same bytes appended to many streams' CRCs at once. crc(a‖b) = shift(crc(a), |b|)
-/// ⊕ crc(b), and the shift by |b| bytes is linear over GF(2): worked out once as the
-/// images of the 32 bits, it is 32 XORs at most per stream, where a combine per stream
-/// would take a matrix power each.
-pub struct Append {
-    columns: [u32; 32],
-    tail: Sum,
-}
-
-impl Append {
-    /// Appending bytes that sum to `tail`.
-    pub fn new(tail: Sum) -> Self {
-        let shift = Sum {
-            crc: 0,
-            len: tail.len,
-        };
-        let columns = std::array::from_fn(|bit| {
-            Sum {
-                crc: 1 << bit,
-                len: 0,
-            }
-            .then(shift)
-            .crc
-        });
-        Self { columns, tail }
-    }
-
-    pub fn to(&self, carried: Carried) -> Carried {
-        let mut crc = self.tail.crc;
-        let mut bits = carried.crc;
-        while bits != 0 {
-            crc ^= self.columns[bits.trailing_zeros() as usize];
-            bits &= bits - 1;
-        }
-        Carried {
-            crc,
-            len: carried.len.wrapping_add(self.tail.len as u32),
-        }
-    }
-}
 
 /// `frame` as stored deflate blocks (not the last): readable after any whole block.
 pub fn stored(frame: &[u8]) -> Bytes {
@@ -158,8 +52,7 @@ pub fn stored(frame: &[u8]) -> Bytes {
 pub fn finish(sum: Sum) -> [u8; 10] {
     let mut out = [0u8; 10];
     out[..2].copy_from_slice(&[0x03, 0x00]);
-    out[2..6].copy_from_slice(&sum.crc.to_le_bytes());
-    out[6..].copy_from_slice(&(sum.len as u32).to_le_bytes());
+    out[2..].copy_from_slice(&sum.trailer());
     out
 }
 
@@ -195,45 +88,62 @@ impl Writer {
     }
 }
 
+/// A running compressor and its place in the budget.
+struct Running {
+    deflate: Compress,
+    _lease: Lease,
+}
+
 /// A session's compressor and the sum of everything its stream carried.
 pub struct Shared {
     /// `None` until a frame needs it, and again once released: the next frame then
     /// starts afresh, as after a keyframe.
-    deflate: Option<Box<Compress>>,
+    running: Option<Box<Running>>,
     level: u32,
+    budget: Budget,
     /// Every frame sent to the session's gzip viewers, in order.
     pub sum: Sum,
 }
 
 impl Shared {
-    pub fn new(level: u32) -> Self {
+    pub fn new(level: u32, budget: Budget) -> Self {
         Self {
-            deflate: None,
+            running: None,
             level,
+            budget,
             sum: Sum::default(),
         }
     }
 
     /// Whether the next frame can continue the compressed stream (no keyframe needed).
     pub fn is_running(&self) -> bool {
-        self.deflate.is_some()
+        self.running.is_some()
     }
 
     /// Counts `frame` into the stream's sum without compressing it (no viewer takes
     /// the shared bytes); the next compressed frame starts afresh.
     pub fn skip(&mut self, frame: &[u8]) {
         self.sum.add(frame);
-        self.deflate = None;
+        self.running = None;
     }
 
     /// Compresses `frame` for every viewer in step, flushed so that it can be decoded
     /// whole at once; `key`: refer to nothing before it, so that viewers can join here.
+    /// Without a compressor to be had (see [`Budget`]) the frame is sent stored, which
+    /// refers to nothing either; the next frame tries again.
     pub fn compress(&mut self, frame: &[u8], key: bool) -> Bytes {
         self.sum.add(frame);
-        let level = self.level;
-        let deflate = self
-            .deflate
-            .get_or_insert_with(|| Box::new(Compress::new(Compression::new(level), false)));
+        let running = match self.running.take() {
+            Some(running) => running,
+            None => match self.budget.lease() {
+                Some(lease) => Box::new(Running {
+                    deflate: Compress::new(Compression::new(self.level), false),
+                    _lease: lease,
+                }),
+                None => return stored(frame),
+            },
+        };
+        let deflate = &mut self.running.insert(running).deflate;
         if key {
             deflate.reset();
         }
@@ -252,10 +162,10 @@ impl Shared {
         }
     }
 
-    /// Frees the compressor (its memory is most of a session's while it sends); the
-    /// next frame starts afresh.
+    /// Frees the compressor (its memory is most of a session's while it sends) and
+    /// its place in the budget; the next frame starts afresh.
     pub fn release(&mut self) {
-        self.deflate = None;
+        self.running = None;
     }
 }
 
@@ -312,7 +222,7 @@ mod tests {
 
     #[test]
     fn each_compressed_frame_decodes_whole_without_the_next() {
-        let mut shared = Shared::new(6);
+        let mut shared = Shared::new(6, Budget::default());
         let mut inflate = Decompress::new(false);
         for (i, f) in frames(5).iter().enumerate() {
             let bytes = shared.compress(f, i == 0);
@@ -322,6 +232,45 @@ mod tests {
                 .unwrap();
             assert_eq!(&out, f, "frame {i} came out whole");
         }
+    }
+
+    /// With room for one compressor, a second stream sending meanwhile is sent stored
+    /// blocks (a valid stream, not smaller) and counted; it compresses once the first
+    /// gives its compressor back, and a dropped stream gives its back too.
+    #[test]
+    fn compressors_past_the_budget_send_stored_blocks_until_one_is_given_back() {
+        let budget = Budget::default();
+        budget.set_bytes(COMPRESSOR_BYTES + COMPRESSOR_BYTES / 2);
+        let frame = "안녕하세요, what a play ".repeat(40).into_bytes();
+        let (mut a, mut b) = (
+            Shared::new(6, budget.clone()),
+            Shared::new(6, budget.clone()),
+        );
+        let (mut wire_a, mut wire_b) = (HEADER.to_vec(), HEADER.to_vec());
+        wire_a.extend_from_slice(&a.compress(&frame, true));
+        assert!(a.is_running());
+        let refused = b.compress(&frame, true);
+        assert_eq!(refused, stored(&frame), "no compressor left for b");
+        assert!(!b.is_running(), "b's next frame tries again");
+        wire_b.extend_from_slice(&refused);
+        assert_eq!((budget.running().get(), budget.refused().get()), (1, 1));
+
+        a.release();
+        assert_eq!(budget.running().get(), 0);
+        let compressed = b.compress(&frame, true);
+        assert!(compressed.len() * 4 < frame.len(), "b has it now");
+        wire_b.extend_from_slice(&compressed);
+        assert_eq!(stored(&frame), a.compress(&frame, true), "and a waits");
+        wire_a.extend_from_slice(&stored(&frame));
+        wire_b.extend_from_slice(&finish(b.sum));
+        assert_eq!(gunzip(&wire_b), frame.repeat(2), "b's stream is whole");
+
+        drop(b);
+        wire_a.extend_from_slice(&a.compress(&frame, true));
+        assert!(a.is_running(), "b gave its compressor back when dropped");
+        assert_eq!((budget.running().get(), budget.refused().get()), (1, 2));
+        wire_a.extend_from_slice(&finish(a.sum));
+        assert_eq!(gunzip(&wire_a), frame.repeat(3), "a's stream is whole");
     }
 
     proptest! {
@@ -361,7 +310,7 @@ mod tests {
             let (joined, key) = (joined % n, key % n);
             let (joined, key) = (joined.min(key), joined.max(key));
             let all = frames(n);
-            let mut shared = Shared::new(6);
+            let mut shared = Shared::new(6, Budget::default());
             let mut own = Writer::default();
             let mut wire = Vec::new();
             let mut at = None;
