@@ -126,8 +126,10 @@ async fn under_sentinel_a_killed_master_costs_one_reset_and_nothing_else() {
     show.wait_flowing(5, start).await;
 
     let old = group.master_port().await.unwrap();
+    let quiet = show.quiesce().await;
     let kill = Instant::now();
     group.master().await.kill();
+    drop(quiet);
     wait_until("the sentinels name the replica", || async {
         group.master_port().await.is_some_and(|p| p != old)
     })
@@ -204,8 +206,10 @@ async fn cluster_failover(sharded: bool) {
         affected[0],
         "session 0's subscription is on its slot's master"
     );
+    let quiet = show.quiesce().await;
     let kill = Instant::now();
     cluster.node(victim).kill();
+    drop(quiet);
     show.wait_flowing(AFTER, kill).await;
     show.wait_ready(kill).await;
     show.finish().await;

@@ -94,6 +94,8 @@ pub struct Show {
     pub published: Arc<Mutex<Vec<Published>>>,
     pub readiness: Arc<Mutex<Vec<(Instant, u16)>>>,
     pub publishing: Arc<AtomicBool>,
+    /// Held by the publisher for each publish; see [`Show::quiesce`].
+    gate: Arc<tokio::sync::Mutex<()>>,
     pub stop: Arc<AtomicBool>,
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -142,11 +144,13 @@ impl Show {
             (0..sessions.len()).map(|_| Published::default()).collect(),
         ));
         let publishing = Arc::new(AtomicBool::new(true));
+        let gate = Arc::new(tokio::sync::Mutex::new(()));
         tasks.push(tokio::spawn(publish(
             tenancy,
             sessions.clone(),
             published.clone(),
             publishing.clone(),
+            gate.clone(),
         )));
         let readiness = Arc::new(Mutex::new(Vec::new()));
         tasks.push(tokio::spawn({
@@ -170,9 +174,26 @@ impl Show {
             published,
             readiness,
             publishing,
+            gate,
             stop,
             tasks,
         }
+    }
+
+    /// Pauses publishing (until the guard is dropped) once every message whose publish
+    /// Redis acknowledged has reached every viewer, so that a node killed now loses
+    /// nothing chat-sync was sent. `PUBLISH` counts its receivers when it queues the
+    /// message, so one still in a killed node's output buffer is lost with the node:
+    /// chat-sync never gets it and cannot deliver it (its viewers are told of the gap
+    /// by the `reset`), yet the publisher would count it as having reached chat-sync.
+    pub async fn quiesce(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        let quiet = self.gate.clone().lock_owned().await;
+        wait_until(
+            "every acknowledged message has reached every viewer",
+            || async { self.missing().is_empty() },
+        )
+        .await;
+        quiet
     }
 
     /// How many messages a viewer of session `i` received whose publish was after
@@ -316,6 +337,7 @@ pub async fn publish(
     sessions: Vec<Uuid>,
     published: Arc<Mutex<Vec<Published>>>,
     publishing: Arc<AtomicBool>,
+    gate: Arc<tokio::sync::Mutex<()>>,
 ) {
     let mut conn: Option<Conn> = None;
     // As a tenant's client with a periodic topology refresh (Lettuce's, say): the
@@ -327,6 +349,7 @@ pub async fn publish(
     let mut i = 0;
     while publishing.load(Ordering::Acquire) {
         tick.tick().await;
+        let _open = gate.lock().await;
         i = (i + 1) % sessions.len();
         if conn.is_none() || refreshed.elapsed() > Duration::from_millis(500) {
             conn = tenancy.connect().await;
