@@ -175,11 +175,13 @@ impl GuardedStream {
 
     /// Resolves when the peer has closed its side or the connection failed; data it
     /// sends meanwhile (a stream's client sends none) is discarded. Waits through the
-    /// socket's own reader slot (`poll_read_ready`) rather than a waiter of its own:
-    /// this is part of every idle viewer's task, so it is kept to a few bytes.
+    /// socket's own reader slot (`poll_read_ready`) rather than a waiter of its own,
+    /// and reads into a buffer on the stack of each poll: this is part of every idle
+    /// viewer's task, so it holds next to nothing, and a client that sends anyway costs
+    /// one read per 4 KiB.
     pub async fn peer_closed(&self) {
-        let mut sink = [0u8; 8];
         std::future::poll_fn(|cx| {
+            let mut sink = [0u8; 4096];
             loop {
                 if ready!(self.tcp().poll_read_ready(cx)).is_err() {
                     return Poll::Ready(());

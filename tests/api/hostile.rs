@@ -262,6 +262,50 @@ async fn half_sent_requests_are_let_go_as_soon_as_the_client_closes() {
     .await;
 }
 
+/// A stream's client has nothing to send after its request; one that sends anyway (a
+/// megabyte of it) keeps its stream, costs the server what it reads, and is let go
+/// when it closes, its stream slot given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_client_that_sends_data_keeps_its_stream_and_is_let_go_on_close() {
+    let redis = RedisServer::start().await;
+    let app = TestApp::spawn(Some(&redis), &[]).await;
+    let room = Uuid::new_v4();
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n",
+        sse_path(room)
+    );
+    let mut tcp = half_sent(&app, request.as_bytes()).await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("retry:") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream opened");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let junk = vec![b'x'; 64 * 1024];
+    for _ in 0..16 {
+        tcp.write_all(&junk).await.unwrap();
+    }
+    redis
+        .publish(&room.to_string(), &crate::common::chat("a", 0))
+        .await;
+    tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&seen).contains("data: ") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the stream stays open");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the message arrives");
+    assert_eq!(app.metric("chat_sync_connections").await, 1.0);
+    drop(tcp);
+    wait_until("its stream slot is given back", || async {
+        app.metric("chat_sync_connections").await == 0.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_header_timeout_closes_a_stalled_request_on_either_path() {
     let app = TestApp::spawn(None, &[("HEADER_TIMEOUT_MS", "300")]).await;
