@@ -224,10 +224,7 @@ async fn a_slow_reader_is_caught_up_with_merged_batches_and_keeps_its_stream() {
     let url = app.url(&sse_path(room));
     let mut fast = Subscriber::connect(&url, None).await;
     let mut slow = app.slow_viewer(room, "").await;
-    crate::common::wait_until("both are in step", || async {
-        app.metric("chat_sync_viewers_in_step").await == 2.0
-    })
-    .await;
+    app.wait_in_step(2).await;
 
     // One batch per publish for the fast viewer (it is waited for); the slow one
     // reads a little now and then, and falls hundreds of frames behind.
@@ -297,10 +294,7 @@ async fn a_paced_viewer_that_leaves_is_let_go() {
     let url = app.url(&sse_path(room));
     let mut stays = Subscriber::connect(&url, None).await;
     let leaves = Subscriber::connect(&format!("{url}?interval_ms=5000&max_batch=5"), None).await;
-    crate::common::wait_until("both are in step", || async {
-        app.metric("chat_sync_viewers_in_step").await == 2.0
-    })
-    .await;
+    app.wait_in_step(2).await;
     drop(leaves);
     crate::common::wait_until("it left", || async {
         app.metric("chat_sync_connections").await == 1.0
@@ -326,10 +320,7 @@ async fn a_session_serves_a_bounded_number_of_classes() {
     for i in 0..16 {
         viewers.push(Subscriber::connect(&class(i), None).await);
     }
-    crate::common::wait_until("all are in step", || async {
-        app.metric("chat_sync_viewers_in_step").await == 16.0
-    })
-    .await;
+    app.wait_in_step(16).await;
     let refused = app.get(&format!("{}?max_batch=17", sse_path(room))).await;
     assert_eq!(refused.status(), 503);
     let body: serde_json::Value = refused.json().await.unwrap();

@@ -6,7 +6,7 @@ use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
 use crate::common::sse::Gunzip;
-use crate::common::{RedisServer, Subscriber, TestApp, batch, chat, sse_path, wait_until};
+use crate::common::{RedisServer, Subscriber, TestApp, batch, chat, sse_path};
 
 /// A chat message as a real one looks: nickname, profile URL, mixed-language text.
 fn realistic(seq: usize) -> String {
@@ -192,10 +192,7 @@ async fn a_slow_gzip_viewer_is_handed_back_and_its_stream_stays_whole() {
     // A reader with a small receive buffer that reads only now and then: the server's
     // writes to it are partial, it is handed back to its task, and catches up again.
     let mut slow = app.slow_viewer(room, "Accept-Encoding: gzip\r\n").await;
-    crate::common::wait_until("both are in step", || async {
-        app.metric("chat_sync_viewers_in_step").await == 2.0
-    })
-    .await;
+    app.wait_in_step(2).await;
 
     let n = 3000;
     let mut received = Vec::new();
@@ -313,10 +310,7 @@ async fn past_the_compressor_bound_gzip_streams_are_whole_and_uncompressed() {
     }
     // In step: the frames go through the sessions' shared gzip stream, which is what
     // would take a compressor.
-    wait_until("every viewer is in step", || async {
-        app.metric("chat_sync_viewers_in_step").await == 4.0
-    })
-    .await;
+    app.wait_in_step(4).await;
     for seq in 0..30 {
         for (room, ..) in &viewers {
             redis.publish(&room.to_string(), &realistic(seq)).await;

@@ -217,6 +217,14 @@ impl TestApp {
         Subscriber::connect(&self.url(&sse_path(session)), None).await
     }
 
+    /// Until exactly `n` viewers are in step: the fan-out writes to them itself.
+    pub async fn wait_in_step(&self, n: usize) {
+        wait_until(&format!("{n} viewers are in step"), || async {
+            self.metric("chat_sync_viewers_in_step").await == n as f64
+        })
+        .await;
+    }
+
     /// A viewer of `session` that reads slowly on purpose: a raw connection with a 4 KiB
     /// receive buffer, which the test reads when it likes. `headers`: more request lines.
     pub async fn slow_viewer(&self, session: Uuid, headers: &str) -> tokio::net::TcpStream {
